@@ -1,0 +1,241 @@
+"""Configuration: dataclasses with defaults and help text, read from YAML plus `key=value` overrides.
+
+Every field's help text feeds `dpokit <command> --help`. Names follow TRL's DPOConfig where the
+concept is the same (beta, label_smoothing, max_length, max_prompt_length, truncation_mode, ...).
+An unknown key or a bad value is a UserError naming the key and what is valid.
+"""
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dpokit.errors import UserError
+
+
+def opt(default, help: str, choices=None, **kw):
+    """A config field with its help text (and, for strings, the valid choices)."""
+    return field(default=default, metadata={"help": help, "choices": choices}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """What every training stage shares: model, data, optimisation, logging and saving."""
+
+    # --- model and data
+    model: str = opt("default", "policy to train: a HF model directory, a hub name, a .gguf file, or "
+                     "'default' for the embedded SmolLM2-135M-Instruct")
+    dataset: str = opt(None, "training data: a .jsonl/.json/.parquet/.csv file, a `datasets` directory, or a hub name")
+    dataset_train_split: str = opt("train", "split of `dataset` to train on (for `datasets` names and directories)")
+    eval_dataset: typing.Optional[str] = opt(None, "held-out data (file or name); default: the `dataset_test_split` "
+                                              "split of `dataset` when it has one")
+    dataset_test_split: str = opt("test", "split of `dataset` (or `eval_dataset`) to evaluate on")
+    max_eval_examples: typing.Optional[int] = opt(None, "evaluate on at most this many held-out examples")
+    output_dir: str = opt("runs/dpo", "where the trained model, config, metrics and plots are written")
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own code (off unless you trust them)")
+    # --- tokenization
+    max_length: typing.Optional[int] = opt(1024, "maximum tokens of prompt + response; longer responses are cut at "
+                                             "the end (and lose their EOS)")
+    max_prompt_length: typing.Optional[int] = opt(512, "maximum prompt tokens; longer prompts are cut per truncation_mode")
+    truncation_mode: str = opt("keep_end", "which part of a too-long prompt to keep", ["keep_end", "keep_start"])
+    # --- optimisation
+    learning_rate: float = opt(1e-6, "peak learning rate")
+    optimizer: str = opt("adamw", "optimizer (the DPO paper used RMSprop)", ["adamw", "rmsprop"])
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) / L2 (RMSprop)")
+    warmup_steps: int = opt(0, "linear warmup from 0 to learning_rate over this many optimizer steps")
+    lr_scheduler: str = opt("linear", "learning-rate schedule after warmup", ["constant", "linear", "cosine"])
+    per_device_train_batch_size: int = opt(8, "examples (pairs) per micro-batch on each device")
+    per_device_eval_batch_size: int = opt(8, "examples per evaluation batch on each device")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step; the step equals one larger batch")
+    num_train_epochs: float = opt(1.0, "passes over the training data (fractions allowed); ignored if max_steps > 0")
+    max_steps: int = opt(-1, "optimizer steps to run; -1 means use num_train_epochs")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 disables clipping)")
+    precision: str = opt("fp32", "fp32, or bf16 autocast with fp32 master weights", ["fp32", "bf16"])
+    disable_dropout: bool = opt(True, "turn off dropout in the policy (and reference) so log-probs are deterministic")
+    seed: int = opt(42, "seed for model init, data order and sampling; the same seed repeats the run")
+    # --- logging, evaluation, saving
+    logging_steps: int = opt(10, "log metrics every this many optimizer steps")
+    eval_steps: int = opt(0, "evaluate every this many steps (0: only before and after training)")
+    save_steps: int = opt(0, "save the model every this many steps (0: only at the end)")
+    progress_bar: bool = opt(True, "show a progress bar with ETA on the console")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct Preference Optimization (Rafailov et al., 2023)."""
+
+    output_dir: str = opt("runs/dpo", "where the trained model, config, metrics and plots are written")
+    learning_rate: float = opt(1e-6, "peak learning rate (the DPO paper: 1e-6)")
+    beta: float = opt(0.1, "KL strength beta: implicit reward = beta * log(pi / pi_ref)")
+    label_smoothing: float = opt(0.0, "probability that a preference label is flipped (conservative DPO); 0 = DPO")
+    loss_type: str = opt("sigmoid", "preference loss", ["sigmoid"])
+    ref_model: typing.Optional[str] = opt(None, "reference model pi_ref (default: a frozen copy of `model`)")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of a trained policy against its reference."""
+
+    model: str = opt(None, "the policy to evaluate (a model directory, hub name, .gguf, or 'default')")
+    ref_model: str = opt("default", "the reference pi_ref the policy was trained from")
+    dataset: str = opt(None, "held-out preference pairs (file, `datasets` directory or name)")
+    dataset_test_split: str = opt("test", "split of `dataset` to use when it has splits")
+    max_eval_examples: typing.Optional[int] = opt(None, "use at most this many held-out pairs")
+    beta: float = opt(0.1, "beta of the implicit reward beta * log(pi / pi_ref)")
+    max_length: typing.Optional[int] = opt(1024, "as in training")
+    max_prompt_length: typing.Optional[int] = opt(512, "as in training")
+    truncation_mode: str = opt("keep_end", "as in training", ["keep_end", "keep_start"])
+    per_device_eval_batch_size: int = opt(16, "examples per batch")
+    reward: typing.Optional[str] = opt("vader", "ground-truth reward function for samples: a built-in name "
+                                       "('vader') or 'module:function'; empty to skip sampling")
+    num_samples: int = opt(64, "held-out prompts to sample one response each for")
+    max_new_tokens: int = opt(48, "maximum tokens per sampled response")
+    temperature: float = opt(0.7, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    output_file: typing.Optional[str] = opt(None, "write the results as JSON here (default: <model>/eval.json)")
+    precision: str = opt("fp32", "fp32 or bf16 autocast", ["fp32", "bf16"])
+    seed: int = opt(0, "seed for sampling")
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def fields_of(cls):
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _base_type(tp):
+    """Optional[int] -> (int, True)."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(key: str, value, tp, choices=None, source: str = ""):
+    """Turn a YAML / command-line value into the field's type, or raise a UserError naming the key."""
+    base, optional = _base_type(tp)
+    where = f"{source}: " if source else ""
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional or base is str and value is None:
+            return None
+        raise UserError(f"{where}key '{key}' needs a value of type {base.__name__}")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                out = value
+            elif str(value).lower() in ("true", "1", "yes", "on"):
+                out = True
+            elif str(value).lower() in ("false", "0", "no", "off"):
+                out = False
+            else:
+                raise ValueError
+        elif base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value) if not isinstance(value, str) else int(value.strip())
+        elif base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        else:
+            out = str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}key '{key}': {value!r} is not a valid {base.__name__}") from None
+    if choices and out not in choices:
+        raise UserError(f"{where}key '{key}': {out!r} is not one of {', '.join(choices)}")
+    return out
+
+
+def _unknown(key, cls, source):
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    where = f"{source}: " if source else ""
+    return UserError(f"{where}unknown key '{key}'{hint}; valid keys: {', '.join(names)}")
+
+
+def load_config(cls, config_file=None, overrides=()):
+    """Defaults <- YAML file <- `key=value` overrides, each value checked against its field."""
+    values = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of key: value")
+        values.update({k: (v, str(path)) for k, v in data.items()})
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value")
+        k, v = item.split("=", 1)
+        values[k.strip()] = (yaml.safe_load(v) if v.strip() else None, "command line")
+    known = {f.name: (f, tp) for f, tp in fields_of(cls)}
+    kwargs = {}
+    for k, (v, source) in values.items():
+        if k not in known:
+            raise _unknown(k, cls, source)
+        f, tp = known[k]
+        kwargs[k] = coerce(k, v, tp, f.metadata.get("choices"), source)
+    cfg = cls(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    """Range checks that types alone cannot express."""
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "num_samples", "max_new_tokens"]
+    for name in positive:
+        if hasattr(cfg, name) and getattr(cfg, name) < 1:
+            raise UserError(f"key '{name}': must be at least 1, got {getattr(cfg, name)}")
+    for name in ["max_length", "max_prompt_length"]:
+        v = getattr(cfg, name, None)
+        if v is not None and v < 1:
+            raise UserError(f"key '{name}': must be at least 1 or none, got {v}")
+    for name in ["learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "eval_steps", "save_steps"]:
+        if hasattr(cfg, name) and getattr(cfg, name) < 0:
+            raise UserError(f"key '{name}': must be non-negative, got {getattr(cfg, name)}")
+    if hasattr(cfg, "beta") and not cfg.beta > 0:
+        raise UserError(f"key 'beta': must be positive, got {cfg.beta}")
+    if hasattr(cfg, "label_smoothing") and not 0 <= cfg.label_smoothing < 0.5:
+        raise UserError(f"key 'label_smoothing': must be in [0, 0.5), got {cfg.label_smoothing}")
+    if hasattr(cfg, "temperature") and not cfg.temperature >= 0:
+        raise UserError(f"key 'temperature': must be non-negative, got {cfg.temperature}")
+    if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
+        raise UserError(f"key 'top_p': must be in (0, 1], got {cfg.top_p}")
+    if hasattr(cfg, "num_train_epochs") and getattr(cfg, "max_steps", 0) <= 0 and not cfg.num_train_epochs > 0:
+        raise UserError("key 'num_train_epochs': must be positive when max_steps is -1")
+    if getattr(cfg, "dataset", "x") is None:
+        raise UserError("key 'dataset' is required (a file, a `datasets` directory or a hub name)")
+    if hasattr(cfg, "model") and cfg.model is None:
+        raise UserError("key 'model' is required")
+
+
+def help_text(cls, command: str) -> str:
+    """Every key with its type, default, choices and help, for `dpokit <command> --help`."""
+    lines = [f"usage: dpokit {command} [--config FILE.yaml] [key=value ...]", "",
+             (cls.__doc__ or "").strip(), "", "keys:"]
+    for f, tp in fields_of(cls):
+        base, optional = _base_type(tp)
+        choices = f.metadata.get("choices")
+        kind = "|".join(choices) if choices else base.__name__
+        lines.append(f"  {f.name}={kind}  (default: {f.default})")
+        lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path):
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

