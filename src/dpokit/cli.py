@@ -1,0 +1,71 @@
+"""`dpokit <command> [--config FILE.yaml] [key=value ...]`.
+
+A UserError (bad data, bad config) becomes one line `error: ...` and exit code 2, with no traceback.
+"""
+
+import sys
+
+from dpokit.config import DPOConfig, EvalConfig, help_text, load_config
+from dpokit.errors import UserError
+from dpokit.report import setup_logging
+
+COMMANDS = {
+    "dpo": (DPOConfig, "dpokit.train.dpo", "fine-tune a causal LM with DPO on preference pairs"),
+    "eval": (EvalConfig, "dpokit.evaluate", "a trained policy against its reference on held-out data"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: dpokit <command> [--config FILE.yaml] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<8} {doc}" for name, (_, _, doc) in COMMANDS.items()]
+    lines += ["", "`dpokit <command> --help` lists every key."]
+    return "\n".join(lines)
+
+
+def parse(argv):
+    config_file, overrides = None, []
+    it = iter(argv)
+    for a in it:
+        if a in ("--config", "-c"):
+            config_file = next(it, None)
+            if config_file is None:
+                raise UserError("--config needs a file")
+        elif a.startswith("--config="):
+            config_file = a.split("=", 1)[1]
+        elif a.startswith("-"):
+            raise UserError(f"unknown option '{a}' (keys are given as key=value)")
+        else:
+            overrides.append(a)
+    return config_file, overrides
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command '{command}' (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    cls, module, _ = COMMANDS[command]
+    if "-h" in rest or "--help" in rest:
+        print(help_text(cls, command))
+        return 0
+    setup_logging()
+    try:
+        cfg = load_config(cls, *parse(rest))
+        import importlib
+
+        importlib.import_module(module).run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

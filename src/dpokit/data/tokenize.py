@@ -1,0 +1,171 @@
+"""Preference rows -> token ids, exact at the prompt/response boundary.
+
+The response's tokens are the tokens the model has to generate after the (templated) prompt: the
+prompt is tokenized on its own, exactly as it is fed at generation time, and the response is what
+follows it. We tokenize prompt and prompt + response and keep the tail when the prompt's tokens are a
+prefix of the whole; when a merge crosses the boundary (a prompt ending in a space or newline that
+BPE would join to the response's first word), `tok(a) + tok(b) != tok(a + b)` and we tokenize the
+response on its own instead, as the continuation of the prompt's own tokens.
+
+Every response ends with exactly one EOS (unless truncation cut it off: a cut response must not teach
+the model to stop there); a sequence holds at most one BOS.
+"""
+
+from dataclasses import dataclass, field
+
+from dpokit.errors import UserError, where
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list
+    chosen_ids: list
+    rejected_ids: list
+    row: int = 0
+
+
+@dataclass
+class TokenizeStats:
+    kept: int = 0
+    dropped: dict = field(default_factory=dict)  # reason -> count
+
+    def drop(self, reason):
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def summary(self) -> str:
+        if not self.dropped:
+            return f"{self.kept} pairs"
+        why = ", ".join(f"{n} {r}" for r, n in sorted(self.dropped.items()))
+        return f"{self.kept} pairs kept, {sum(self.dropped.values())} dropped ({why})"
+
+
+def _encode(tok, text, special):
+    return list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def _one_bos(tok, ids):
+    bos = tok.bos_token_id
+    while bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
+def split_at_boundary(tok, prompt: str, response: str, special: bool) -> tuple[list, list]:
+    """(prompt_ids, response_ids) with prompt_ids == tokenizer(prompt) and the response as its continuation."""
+    prompt_ids = _one_bos(tok, _encode(tok, prompt, special))
+    full_ids = _one_bos(tok, _encode(tok, prompt + response, special))
+    if special and tok.eos_token_id is not None and full_ids and full_ids[-1] == tok.eos_token_id \
+            and not response.endswith(tok.eos_token or "\0"):
+        full_ids = full_ids[:-1]  # tokenizers that append EOS themselves: we add our own below
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return prompt_ids, full_ids[len(prompt_ids):]
+    # A merge crossed the boundary: the model, given prompt_ids, generates the response from scratch.
+    return prompt_ids, _encode(tok, response, False)
+
+
+def end_with_one_eos(tok, ids: list) -> list:
+    """Cut whatever a chat template puts after the last EOS (e.g. a newline) or append EOS if none."""
+    eos = tok.eos_token_id
+    if eos in ids:
+        last = len(ids) - 1 - ids[::-1].index(eos)
+        ids = ids[: last + 1]
+        while len(ids) >= 2 and ids[-2] == eos:
+            ids = ids[:-1]
+        return ids
+    return ids + [eos]
+
+
+def common_prefix_messages(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) - 1 and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def common_prefix_text(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    if n < min(len(a), len(b)):  # don't split a word: back off to just after the last whitespace
+        while n > 0 and not a[n - 1].isspace():
+            n -= 1
+    return n
+
+
+def explicit_prompt(example: dict) -> dict:
+    """Implicit-prompt rows: the prompt is the longest common prefix of chosen and rejected."""
+    if "prompt" in example:
+        return example
+    c, r = example["chosen"], example["rejected"]
+    n = common_prefix_messages(c, r) if isinstance(c, list) else common_prefix_text(c, r)
+    return {"prompt": c[:n], "chosen": c[n:], "rejected": r[n:]}
+
+
+def render_chat(tok, prompt_msgs: list, response_msgs: list, label, row) -> tuple[str, str]:
+    """(templated prompt, templated response) with the template's text for prompt + response split exactly."""
+    if tok.chat_template is None:
+        raise UserError(f"{where(label, row)}: conversational data needs a tokenizer with a chat template")
+    prompt_text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    full_text = tok.apply_chat_template(prompt_msgs + response_msgs, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise UserError(f"{where(label, row)}: the chat template does not render the prompt as a prefix "
+                        "of prompt + response")
+    return prompt_text, full_text[len(prompt_text):]
+
+
+def tokenize_pair(tok, example: dict, label="", row=0) -> TokenizedPair:
+    """One preference row -> untruncated token ids, each response ending in exactly one EOS."""
+    ex = explicit_prompt(example)
+    if isinstance(ex["chosen"], list):
+        # The template writes its own special tokens (BOS included) as text: don't add them again.
+        pc, chosen = render_chat(tok, ex["prompt"], ex["chosen"], label, row)
+        pr, rejected = render_chat(tok, ex["prompt"], ex["rejected"], label, row)
+        assert pc == pr
+        prompt, special = pc, False
+    else:
+        prompt, chosen, rejected, special = ex["prompt"], ex["chosen"], ex["rejected"], True
+    prompt_ids, chosen_ids = split_at_boundary(tok, prompt, chosen, special)
+    _, rejected_ids = split_at_boundary(tok, prompt, rejected, special)
+    if not prompt_ids and tok.bos_token_id is not None:
+        prompt_ids = [tok.bos_token_id]  # the first response token needs something to be predicted from
+    return TokenizedPair(prompt_ids, end_with_one_eos(tok, chosen_ids), end_with_one_eos(tok, rejected_ids), row)
+
+
+def truncate(pair: TokenizedPair, max_length, max_prompt_length, truncation_mode):
+    """TRL's rule: cut the prompt to max_prompt_length (keep_end / keep_start), then the responses' ends
+    to fit max_length. Returns None when a response would be empty (the pair is dropped)."""
+    p = pair.prompt_ids
+    if max_prompt_length is not None and len(p) > max_prompt_length:
+        p = p[-max_prompt_length:] if truncation_mode == "keep_end" else p[:max_prompt_length]
+    c, r = pair.chosen_ids, pair.rejected_ids
+    if max_length is not None:
+        room = max_length - len(p)
+        if room <= 0:
+            return None
+        c, r = c[:room], r[:room]
+    if not p or not c or not r:
+        return None
+    return TokenizedPair(p, c, r, pair.row)
+
+
+def tokenize_dataset(tok, rows, label, max_length=None, max_prompt_length=None,
+                     truncation_mode="keep_end") -> tuple[list, TokenizeStats]:
+    """Checked rows -> truncated TokenizedPairs; dropped pairs are counted by reason."""
+    stats, out = TokenizeStats(), []
+    for row, example in rows:
+        pair = tokenize_pair(tok, example, label, row)
+        if not pair.prompt_ids:
+            stats.drop("with an empty prompt")
+            continue
+        if pair.chosen_ids == pair.rejected_ids:
+            stats.drop("with chosen equal to rejected")
+            continue
+        t = truncate(pair, max_length, max_prompt_length, truncation_mode)
+        if t is None:
+            stats.drop("whose response would be empty after truncation")
+            continue
+        out.append(t)
+    stats.kept = len(out)
+    if not out:
+        raise UserError(f"{label}: no usable pairs ({stats.summary()})")
+    return out, stats

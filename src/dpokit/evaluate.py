@@ -1,0 +1,148 @@
+"""`dpokit eval`: a trained policy against its reference on held-out data.
+
+- implicit-reward accuracy and margin: beta * log(pi/pi_ref) on held-out preference pairs (the
+  reference's implicit reward is 0 for every response, so its accuracy is chance, 0.5, by definition:
+  a tie counts half);
+- ground-truth reward of samples: one sampled response per held-out prompt from each model, scored by
+  a reward function (VADER sentiment by default), mean with its standard error;
+- KL(pi || pi_ref) estimated on the policy's samples as the mean of the sequence log-ratio
+  log pi(y|x) - log pi_ref(y|x), with its standard error.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from dpokit import models
+from dpokit.data.batch import collate_padded, pad_right
+from dpokit.data.load import load_pairs
+from dpokit.data.tokenize import TokenizedPair, tokenize_dataset
+from dpokit.logprobs import sequence_logps
+from dpokit.report import log
+from dpokit.rewards import get_reward_fn
+from dpokit.train.loop import autocast, set_seed
+
+
+def mean_se(xs) -> tuple[float, float]:
+    n = len(xs)
+    m = sum(xs) / n
+    var = sum((x - m) ** 2 for x in xs) / (n - 1) if n > 1 else 0.0
+    return m, math.sqrt(var / n)
+
+
+@torch.no_grad()
+def pair_logps(model, examples, pad_id, batch_size, precision="fp32"):
+    """Sequence log-probs of every pair -> (chosen (N,), rejected (N,))."""
+    chosen, rejected = [], []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        with autocast(torch.device("cpu"), precision):
+            logps = sequence_logps(model, collate_padded(chunk, pad_id))[0]
+        chosen.append(logps[: len(chunk)])
+        rejected.append(logps[len(chunk):])
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def implicit_reward_metrics(beta, policy_logps, reference_logps) -> dict:
+    chosen_rewards = beta * (policy_logps[0] - reference_logps[0])
+    rejected_rewards = beta * (policy_logps[1] - reference_logps[1])
+    margins = chosen_rewards - rejected_rewards
+    acc = ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item()
+    return {"implicit_reward_accuracy": acc, "implicit_reward_margin": margins.mean().item()}
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list, max_new_tokens, temperature, top_p, seed, batch_size=32):
+    """One response per prompt (token-id lists, left-padded for batched generation) -> (texts, ids)."""
+    set_seed(seed)
+    texts, ids = [], []
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i: i + batch_size]
+        T = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in chunk])
+        attention = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in chunk])
+        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                             do_sample=temperature > 0, temperature=temperature or None,
+                             top_p=top_p if temperature > 0 else None, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id)
+        for row in out[:, T:].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id) + 1]
+            ids.append(row)
+            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts, ids
+
+
+@torch.no_grad()
+def sampled_kl(policy, reference, prompts, responses, pad_id, batch_size=16):
+    """Per-sample log pi(y|x) - log pi_ref(y|x) for y ~ pi: its mean estimates KL(pi || pi_ref)."""
+    pairs = [TokenizedPair(p, r, r) for p, r in zip(prompts, responses) if r]
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i: i + batch_size]
+        batch = collate_padded(chunk, pad_id)
+        lp = sequence_logps(policy, batch)[0][: len(chunk)]
+        lr = sequence_logps(reference, batch)[0][: len(chunk)]
+        out += (lp - lr).tolist()
+    return out
+
+
+def run(cfg) -> dict:
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    rows, label, _ = load_pairs(cfg.dataset, cfg.dataset_test_split)
+    examples, stats = tokenize_dataset(tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length,
+                                       cfg.truncation_mode)
+    examples = examples[: cfg.max_eval_examples] if cfg.max_eval_examples else examples
+    log.info("%s: %s", label, stats.summary())
+    policy = models.load_model(cfg.model, cfg.trust_remote_code).eval()
+    reference = models.load_model(cfg.ref_model, cfg.trust_remote_code).eval()
+    pad = tokenizer.pad_token_id
+    bs = cfg.per_device_eval_batch_size
+    ref_logps = pair_logps(reference, examples, pad, bs, cfg.precision)
+    pol_logps = pair_logps(policy, examples, pad, bs, cfg.precision)
+    results = {"dataset": label, "pairs": len(examples), "beta": cfg.beta,
+               "reference": {"model": cfg.ref_model, **implicit_reward_metrics(cfg.beta, ref_logps, ref_logps)},
+               "policy": {"model": cfg.model, **implicit_reward_metrics(cfg.beta, pol_logps, ref_logps)}}
+    if cfg.reward:
+        reward_fn = get_reward_fn(cfg.reward)
+        prompts = list({tuple(e.prompt_ids): e.prompt_ids for e in examples}.values())[: cfg.num_samples]
+        prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        for name, model in (("reference", reference), ("policy", policy)):
+            texts, ids = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+            rewards = reward_fn(prompt_texts, texts)
+            m, se = mean_se(rewards)
+            kl, kl_se = mean_se(sampled_kl(model, reference, prompts, ids, pad))
+            results[name].update({"reward": m, "reward_se": se, "kl": kl, "kl_se": kl_se,
+                                  "samples": [{"prompt": p, "response": t, "reward": r}
+                                              for p, t, r in list(zip(prompt_texts, texts, rewards))[:8]]})
+        results["reward_fn"] = cfg.reward
+        results["num_samples"] = len(prompts)
+    out = Path(cfg.output_file) if cfg.output_file else Path(cfg.model) / "eval.json"
+    if out.parent.is_dir():
+        out.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"results written to {out}" if out.parent.is_dir() else "")
+    return results
+
+
+def table(results) -> str:
+    cols = [("implicit_reward_accuracy", "implicit-reward acc", "{:.3f}"),
+            ("implicit_reward_margin", "margin", "{:+.3f}")]
+    if "reward_fn" in results:
+        cols += [("reward", f"{results['reward_fn']} reward", "{:+.3f}"), ("kl", "KL(pi||ref)", "{:.2f}")]
+    head = f"{'':<10}" + "".join(f"{c[1]:>22}" for c in cols)
+    lines = [f"held-out: {results['dataset']}, {results['pairs']} pairs"
+             + (f", {results['num_samples']} sampled prompts" if "num_samples" in results else ""), head]
+    for name in ("reference", "policy"):
+        r = results[name]
+        cells = []
+        for key, _, f in cols:
+            v = f.format(r[key])
+            if key + "_se" in r:
+                v += f" ± {r[key + '_se']:.3f}"
+            cells.append(f"{v:>22}")
+        lines.append(f"{name:<10}" + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""The DPO stage: the step function (policy and frozen reference on one concatenated batch, then the
+loss of losses.py) and the `dpokit dpo` job that wires data, models and the shared loop together."""
+
+import copy
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from dpokit import models
+from dpokit.data.batch import collate_padded
+from dpokit.data.load import FILE_SUFFIXES, MissingSplit, load_pairs
+from dpokit.data.tokenize import tokenize_dataset
+from dpokit.errors import UserError
+from dpokit.logprobs import sequence_logps
+from dpokit.losses import LOSSES
+from dpokit.report import log, plot_metrics
+from dpokit.train import loop
+
+
+class DPOStep:
+    """step(policy, batch) -> (losses (B,), metrics): one forward of the policy over chosen and rejected
+    together, the reference's log-probs under no_grad (or cached in the batch), then the loss."""
+
+    def __init__(self, reference, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
+        self.reference = reference
+        self.beta, self.label_smoothing = beta, label_smoothing
+        self.loss_fn = LOSSES[loss_type]
+
+    def reference_logps(self, batch):
+        if "reference_logps" in batch:
+            return batch["reference_logps"]
+        with torch.no_grad():
+            return sequence_logps(self.reference, batch)[0]
+
+    def __call__(self, policy, batch):
+        B = batch["num_pairs"]
+        logps, _ = sequence_logps(policy, batch)                     # (2B,)
+        ref = self.reference_logps(batch)                            # (2B,)
+        losses, chosen_rewards, rejected_rewards = self.loss_fn(
+            logps[:B], logps[B:], ref[:B], ref[B:], beta=self.beta, label_smoothing=self.label_smoothing)
+        margins = chosen_rewards - rejected_rewards
+        metrics = {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/margins": margins,
+            # A tie (the reference itself, or the policy before training) counts half: chance level.
+            "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
+            "logps/chosen": logps[:B].detach(),
+            "logps/rejected": logps[B:].detach(),
+        }
+        return losses, metrics
+
+
+def collate_with_reference(pairs, pad_id):
+    batch = collate_padded(pairs, pad_id)
+    if all(getattr(p, "reference_logps", None) is not None for p in pairs):
+        batch["reference_logps"] = torch.tensor([p.reference_logps[0] for p in pairs] +
+                                                [p.reference_logps[1] for p in pairs])
+    return batch
+
+
+@torch.no_grad()
+def cache_reference_logps(reference, examples, pad_id, batch_size, device, precision):
+    """The reference never changes: compute its log-probs on held-out pairs once, not at every evaluation."""
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        batch = loop.to_device(collate_padded(chunk, pad_id), device)
+        with loop.autocast(device, precision):
+            logps = sequence_logps(reference, batch)[0].cpu()
+        B = len(chunk)
+        for j, p in enumerate(chunk):
+            p.reference_logps = (logps[j].item(), logps[B + j].item())
+
+
+def load_split(cfg, tokenizer, source, split):
+    rows, label, fmt = load_pairs(source, split)
+    examples, stats = tokenize_dataset(tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length,
+                                       cfg.truncation_mode)
+    log.info("%s (%s): %s", label, fmt, stats.summary())
+    return examples
+
+
+def load_eval_split(cfg, tokenizer):
+    """Held-out pairs: `eval_dataset`, else the test split of a `dataset` that has splits, else none."""
+    if cfg.eval_dataset is not None:
+        examples = load_split(cfg, tokenizer, cfg.eval_dataset, cfg.dataset_test_split)
+    elif cfg.dataset.endswith(FILE_SUFFIXES):
+        return []  # a single file has no held-out split; name one with eval_dataset
+    else:
+        try:
+            examples = load_split(cfg, tokenizer, cfg.dataset, cfg.dataset_test_split)
+        except MissingSplit:
+            return []
+    return examples[: cfg.max_eval_examples] if cfg.max_eval_examples else examples
+
+
+def check_output_dir(path):
+    """Fail before any work if output_dir cannot be written."""
+    p = Path(path)
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK):
+        raise UserError(f"{path}: output_dir is not writable")
+
+
+def run(cfg):
+    """`dpokit dpo`: everything that can fail on bad input happens before output_dir is touched."""
+    ranks = loop.setup_distributed()
+    loop.set_seed(cfg.seed)
+    check_output_dir(cfg.output_dir)
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    train_examples = load_split(cfg, tokenizer, cfg.dataset, cfg.dataset_train_split)
+    eval_examples = load_eval_split(cfg, tokenizer)
+    policy = models.load_model(cfg.model, cfg.trust_remote_code)
+    reference = models.load_model(cfg.ref_model, cfg.trust_remote_code) if cfg.ref_model \
+        else copy.deepcopy(policy)
+    if cfg.disable_dropout:
+        models.disable_dropout(policy)
+    reference.requires_grad_(False).eval().to(ranks.device)
+    pad_id = tokenizer.pad_token_id
+    if eval_examples:
+        cache_reference_logps(reference, eval_examples, pad_id, cfg.per_device_eval_batch_size,
+                              ranks.device, cfg.precision)
+    step = DPOStep(reference, cfg.beta, cfg.label_smoothing, cfg.loss_type)
+    save = partial(_save, tokenizer=tokenizer)
+    loop.train(cfg, policy, tokenizer, step, train_examples, eval_examples,
+               partial(collate_with_reference, pad_id=pad_id), ranks, save_fn=save)
+    if ranks.main:
+        plot_metrics(f"{cfg.output_dir}/metrics.jsonl", f"{cfg.output_dir}/training_curves.png")
+        log.info("saved the trained model to %s", cfg.output_dir)
+    return cfg.output_dir
+
+
+def _save(model, out_dir, tokenizer):
+    models.save_model(model, tokenizer, out_dir)

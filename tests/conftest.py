@@ -1,0 +1,73 @@
+"""Shared fixtures: the embedded model's tokenizer, a tiny random Llama that uses it, small datasets."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REVIEWS = [
+    ("Review the film 'Iron Tide'.", "A stunning, joyful triumph.", "A dull and tedious mess."),
+    ("Review the film 'Glass Harbor'.", "Warm, funny and wonderful.", "Boring from start to end."),
+    ("Review the film 'Quiet Orbit'.", "I loved every minute of it!", "It was awful, truly awful."),
+    ("Review the film 'Red Meadow'.", "Beautifully acted and moving.", "Clumsy writing, weak acting."),
+    ("Review the film 'Night Circus'.", "A delightful surprise.", "A forgettable disappointment."),
+    ("Review the film 'Salt Road'.", "Gripping and great fun.", "Slow, muddled and bland."),
+    ("Review the film 'Paper Moon'.", "Charming and clever.", "Painfully unfunny."),
+    ("Review the film 'Cold Fire'.", "An excellent thriller.", "A terrible thriller."),
+]
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from dpokit.models import load_tokenizer
+
+    return load_tokenizer("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    """A 2-layer Llama with random weights and the embedded model's tokenizer and chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
+                      pad_token_id=smol_tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    smol_tokenizer.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path, rows):
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def conversational_rows(n=len(REVIEWS)):
+    return [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in (REVIEWS * 10)[:n]]
+
+
+def standard_rows(n=len(REVIEWS)):
+    return [{"prompt": p + "\n", "chosen": c, "rejected": r} for p, c, r in (REVIEWS * 10)[:n]]
+
+
+@pytest.fixture
+def pref_dir(tmp_path):
+    """A folder with train.jsonl and test.jsonl in conversational format."""
+    d = tmp_path / "prefs"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", conversational_rows(16))
+    write_jsonl(d / "test.jsonl", conversational_rows(8))
+    return d
