@@ -60,7 +60,17 @@ def split_at_boundary(tok, prompt: str, response: str, special: bool) -> tuple[l
     if full_ids[: len(prompt_ids)] == prompt_ids:
         return prompt_ids, full_ids[len(prompt_ids):]
     # A merge crossed the boundary: the model, given prompt_ids, generates the response from scratch.
-    return prompt_ids, _encode(tok, response, False)
+    return prompt_ids, continuation_ids(tok, response)
+
+
+def continuation_ids(tok, text: str) -> list:
+    """Token ids of `text` continuing earlier tokens, without the word-start marker that sentencepiece-
+    style tokenizers put before standalone text ('yes' -> '▁yes'). Tokenized right after the EOS token:
+    special tokens are split off before pre-tokenization, so nothing merges with them or adds a prefix."""
+    ids = _encode(tok, tok.eos_token + text, False)
+    if ids and ids[0] == tok.eos_token_id:
+        return ids[1:]
+    return _encode(tok, text, False)
 
 
 def end_with_one_eos(tok, ids: list) -> list:

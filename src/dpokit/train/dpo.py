@@ -35,7 +35,7 @@ class DPOStep:
             return sequence_logps(self.reference, batch)[0]
 
     def __call__(self, policy, batch):
-        B = batch["num_pairs"]
+        B = batch["num_examples"]
         logps, _ = sequence_logps(policy, batch)                     # (2B,)
         ref = self.reference_logps(batch)                            # (2B,)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(

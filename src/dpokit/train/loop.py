@@ -148,6 +148,27 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def forward_backward(model, step, micro_batches: list, ranks: Dist, precision: str, sums: "MetricSums") -> int:
+    """Accumulate the gradient of one optimizer step over its micro-batches; returns tokens processed.
+
+    Each micro-batch's loss is sum(losses) / (examples in the whole step), so the accumulated gradient
+    is that of the mean loss over the step's examples, whatever the micro-batch sizes. Under DDP only
+    the last micro-batch all-reduces gradients.
+    """
+    n_step = sum(b["num_examples"] for b in micro_batches)
+    tokens = 0
+    for i, batch in enumerate(micro_batches):
+        batch = to_device(batch, ranks.device)
+        tokens += int(batch["attention_mask"].sum())
+        sync = ranks.world == 1 or i == len(micro_batches) - 1
+        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(ranks.device, precision):
+            losses, metrics = step(model, batch)
+            loss = losses.sum() / n_step
+        loss.backward()
+        sums.add({"loss": losses, **metrics}, batch["num_examples"])
+    return tokens
+
+
 @torch.no_grad()
 def evaluate(model, step, collate, examples, cfg, ranks: Dist) -> dict:
     """Example-weighted means of the step's metrics over held-out data, prefixed `eval/`."""
@@ -199,20 +220,13 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
     window, window_tokens, window_t0 = MetricSums(), 0, time.perf_counter()
     grad_norms = []
     for step_no in range(1, total + 1):
-        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-        n_step = sum(len(m) for m in micro)
-        for i, idx in enumerate(micro):
-            batch = to_device(collate([train_examples[j] for j in idx]), ranks.device)
-            window_tokens += int(batch["attention_mask"].sum())
-            sync = ranks.world == 1 or i == len(micro) - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(ranks.device, cfg.precision):
-                losses, metrics = step(model, batch)
-                loss = losses.sum() / n_step
-            loss.backward()
-            window.add({"loss": losses, **metrics}, len(idx))
+        micro = [collate([train_examples[j] for j in idx])
+                 for idx in (next(stream) for _ in range(cfg.gradient_accumulation_steps))]
+        window_tokens += forward_backward(model, step, micro, ranks, cfg.precision, window)
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         grad_norms.append(float(grad_norm))
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -221,14 +235,16 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
             tokens = all_reduce_sum(torch.tensor(float(window_tokens))).item()
             row = {"step": step_no, "epoch": round(step_no * cfg.gradient_accumulation_steps / per_epoch, 4),
                    **window.means(), "grad_norm": sum(grad_norms) / len(grad_norms),
-                   "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": tokens / elapsed,
+                   "learning_rate": lr, "tokens_per_second": tokens / elapsed,
                    "peak_memory_mb": peak_memory_mb(ranks.device)}
             reporter.log(row)
             reporter.step(0, loss=row["loss"], acc=row.get("rewards/accuracies", float("nan")))
             window, window_tokens, window_t0, grad_norms = MetricSums(), 0, time.perf_counter(), []
         reporter.step(1)
         if cfg.eval_steps and step_no % cfg.eval_steps == 0 and step_no != total:
+            t0 = time.perf_counter()
             run_eval(step_no)
+            window_t0 += time.perf_counter() - t0  # evaluation time is not training throughput
         if cfg.save_steps and step_no % cfg.save_steps == 0 and step_no != total and ranks.main and save_fn:
             save_fn(model, out / f"checkpoint-{step_no}")
     run_eval(total)
