@@ -125,12 +125,12 @@ def run(cfg):
                               ranks.device, cfg.precision)
     step = DPOStep(reference, cfg.beta, cfg.label_smoothing, cfg.loss_type)
     save = partial(_save, tokenizer=tokenizer)
-    loop.train(cfg, policy, tokenizer, step, train_examples, eval_examples,
-               partial(collate_with_reference, pad_id=pad_id), ranks, save_fn=save)
+    trained = loop.train(cfg, policy, tokenizer, step, train_examples, eval_examples,
+                         partial(collate_with_reference, pad_id=pad_id), ranks, save_fn=save)
     if ranks.main:
         plot_metrics(f"{cfg.output_dir}/metrics.jsonl", f"{cfg.output_dir}/training_curves.png")
         log.info("saved the trained model to %s", cfg.output_dir)
-    return cfg.output_dir
+    return trained
 
 
 def _save(model, out_dir, tokenizer):
