@@ -6,7 +6,7 @@ A UserError (bad data, bad config) becomes one line `error: ...` and exit code 2
 import sys
 
 from dpokit.config import DPOConfig, EvalConfig, help_text, load_config
-from dpokit.errors import UserError
+from dpokit.errors import Interrupted, UserError
 from dpokit.report import setup_logging
 
 COMMANDS = {
@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"dpokit: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -59,7 +59,12 @@ class TrainConfig:
     # --- logging, evaluation, saving
     logging_steps: int = opt(10, "log metrics every this many optimizer steps")
     eval_steps: int = opt(0, "evaluate every this many steps (0: only before and after training)")
-    save_steps: int = opt(0, "save the model every this many steps (0: only at the end)")
+    save_steps: int = opt(0, "write a checkpoint every this many steps (0: only at the end)")
+    save_total_limit: typing.Optional[int] = opt(None, "keep only the newest N checkpoints (none: keep all)")
+    resume: typing.Optional[str] = opt(None, "'auto': continue from the newest complete checkpoint in output_dir "
+                                       "(or start fresh if none); or a checkpoint directory")
+    max_nonfinite_steps: int = opt(3, "stop after this many optimizer steps in a row with a non-finite loss "
+                                   "or gradient (each such step is skipped)")
     progress_bar: bool = opt(True, "show a progress bar with ETA on the console")
 
 
@@ -193,9 +198,9 @@ def load_config(cls, config_file=None, overrides=()):
 def validate(cfg):
     """Range checks that types alone cannot express."""
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "num_samples", "max_new_tokens"]
+                "logging_steps", "num_samples", "max_new_tokens", "max_nonfinite_steps", "save_total_limit"]
     for name in positive:
-        if hasattr(cfg, name) and getattr(cfg, name) < 1:
+        if getattr(cfg, name, None) is not None and getattr(cfg, name) < 1:
             raise UserError(f"key '{name}': must be at least 1, got {getattr(cfg, name)}")
     for name in ["max_length", "max_prompt_length"]:
         v = getattr(cfg, name, None)

@@ -17,3 +17,12 @@ def where(path, row=None, field=None) -> str:
     if field is not None:
         s += f": field '{field}'"
     return s
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT / SIGTERM after writing a checkpoint (not an error: exit 130 / 143)."""
+
+    def __init__(self, signame, checkpoint):
+        super().__init__(f"stopped by {signame}; checkpoint saved to {checkpoint}; "
+                         f"run the same command with resume=auto to continue")
+        self.exit_code = 130 if signame == "SIGINT" else 143

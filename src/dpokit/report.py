@@ -38,14 +38,14 @@ def fmt(v) -> str:
 class Reporter:
     """Console + JSON lines. Only rank 0 writes; other ranks get a silent Reporter."""
 
-    def __init__(self, output_dir, total_steps: int, enabled: bool = True, progress_bar: bool = True):
+    def __init__(self, output_dir, total_steps: int, enabled: bool = True, progress_bar: bool = True, initial=0):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.bar = None
         if enabled and progress_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(self.path, "a", encoding="utf-8")

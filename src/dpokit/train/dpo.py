@@ -2,9 +2,7 @@
 loss of losses.py) and the `dpokit dpo` job that wires data, models and the shared loop together."""
 
 import copy
-import os
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -96,26 +94,18 @@ def load_eval_split(cfg, tokenizer):
     return examples[: cfg.max_eval_examples] if cfg.max_eval_examples else examples
 
 
-def check_output_dir(path):
-    """Fail before any work if output_dir cannot be written."""
-    p = Path(path)
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK):
-        raise UserError(f"{path}: output_dir is not writable")
-
-
 def run(cfg):
     """`dpokit dpo`: everything that can fail on bad input happens before output_dir is touched."""
     ranks = loop.setup_distributed()
     loop.set_seed(cfg.seed)
-    check_output_dir(cfg.output_dir)
+    loop.check_output_dir(cfg)
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_examples = load_split(cfg, tokenizer, cfg.dataset, cfg.dataset_train_split)
     eval_examples = load_eval_split(cfg, tokenizer)
     policy = models.load_model(cfg.model, cfg.trust_remote_code)
     reference = models.load_model(cfg.ref_model, cfg.trust_remote_code) if cfg.ref_model \
         else copy.deepcopy(policy)
+    loop.check_output_dir(cfg, sum(p.numel() for p in policy.parameters()))
     if cfg.disable_dropout:
         models.disable_dropout(policy)
     reference.requires_grad_(False).eval().to(ranks.device)

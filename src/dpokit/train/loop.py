@@ -11,10 +11,13 @@ gradient of one batch of k*b examples (the per-step loss is sum(losses) / exampl
 """
 
 import contextlib
+import json
 import math
 import os
 import random
 import resource
+import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +26,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dpokit.config import save_config
+from dpokit.config import save_config, to_dict
+from dpokit.errors import Interrupted, UserError
 from dpokit.report import Reporter, log
+from dpokit.train import checkpoint
+from dpokit.train.checkpoint import fault_point
 
 
 # --- devices and ranks --------------------------------------------------------------------------------
@@ -133,8 +139,20 @@ class MetricSums:
 
     def add(self, metrics: dict, n: int):
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float().sum()
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float().sum().cpu()
         self.count += n
+
+    def merge(self, other: "MetricSums"):
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += other.count
+
+    def state(self) -> dict:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "count": self.count}
+
+    def load(self, state: dict):
+        self.sums = {k: torch.tensor(v, dtype=torch.float32) for k, v in state["sums"].items()}
+        self.count = state["count"]
 
     def means(self) -> dict:
         if not self.sums:
@@ -187,12 +205,65 @@ def evaluate(model, step, collate, examples, cfg, ranks: Dist) -> dict:
     return {"eval/" + k: v for k, v in sums.means().items()}
 
 
+def check_output_dir(cfg, n_params: int = 0):
+    """Fail before any work when output_dir cannot be written, or its disk cannot hold a checkpoint."""
+    p = Path(cfg.output_dir)
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK):
+        raise UserError(f"{cfg.output_dir}: output_dir is not writable")
+    if n_params:
+        need = n_params * 4 * 3  # fp32 weights + two optimizer moments, written next to the previous checkpoint
+        free = shutil.disk_usage(p).free
+        if free < need:
+            raise UserError(f"{cfg.output_dir}: only {free / 2**30:.2f} GiB free, a checkpoint needs "
+                            f"about {need / 2**30:.2f} GiB")
+
+
+class StopSignal:
+    """SIGINT / SIGTERM: finish the current step, checkpoint, and exit (a second signal exits at once)."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.previous:
+            signal.signal(s, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, then saving a checkpoint", self.received)
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+# keys that may differ between a run and its resumption without changing the result
+RESUME_FREE_KEYS = {"resume", "progress_bar", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                    "max_nonfinite_steps", "output_dir", "per_device_eval_batch_size", "max_eval_examples"}
+
+
+def check_resumable(cfg, state, path):
+    saved = state.get("config", {})
+    diff = [k for k, v in to_dict(cfg).items() if k not in RESUME_FREE_KEYS and k in saved and saved[k] != v]
+    if diff:
+        raise UserError(f"{path}: cannot resume: the config differs in {', '.join(diff)} "
+                        f"(checkpoint has {', '.join(f'{k}={saved[k]!r}' for k in diff)})")
+
+
 def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, ranks: Dist, save_fn=None):
-    """Run the optimisation described by `cfg`; save the final model to cfg.output_dir (rank 0)."""
+    """Run the optimisation described by `cfg`; checkpoint every save_steps and at the end; save the
+    final model to cfg.output_dir (rank 0). Resumes from a checkpoint when cfg.resume says so."""
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     model.to(ranks.device)
     model.train()
+    raw_model = model
     if ranks.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
@@ -202,11 +273,23 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
     total = cfg.max_steps if cfg.max_steps > 0 else \
         max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+
+    window, window_tokens, grad_norms, start_step = MetricSums(), 0, [], 0
+    resume_from = checkpoint.find_resume(cfg.resume, out)
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(resume_from, raw_model, optimizer)
+        check_resumable(cfg, state, resume_from)
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+        window.load(state["window"])
+        window_tokens, grad_norms = state["window_tokens"], state["grad_norms"]
+        log.info("resuming from %s (step %d of %d)", resume_from, start_step, total)
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
+        checkpoint.sweep_temporary(out)
         save_config(cfg, out / "config.yaml")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    reporter = Reporter(out, total, enabled=ranks.main, progress_bar=cfg.progress_bar)
+        truncate_metrics(out / "metrics.jsonl", start_step)
+    reporter = Reporter(out, total, enabled=ranks.main, progress_bar=cfg.progress_bar, initial=start_step)
     log.info("training: %d examples, %d optimizer steps of %d x %d x %d examples, %d held-out examples",
              len(train_examples), total, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
              ranks.world, len(eval_examples or []))
@@ -215,40 +298,84 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
         if eval_examples:
             reporter.log({"step": step_no, **evaluate(model, step, collate, eval_examples, cfg, ranks)})
 
-    run_eval(0)
-    stream = micro_batches(len(train_examples), cfg.per_device_train_batch_size, cfg.seed, ranks)
-    window, window_tokens, window_t0 = MetricSums(), 0, time.perf_counter()
-    grad_norms = []
-    for step_no in range(1, total + 1):
-        micro = [collate([train_examples[j] for j in idx])
-                 for idx in (next(stream) for _ in range(cfg.gradient_accumulation_steps))]
-        window_tokens += forward_backward(model, step, micro, ranks, cfg.precision, window)
-        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        grad_norms.append(float(grad_norm))
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step_no % cfg.logging_steps == 0 or step_no == total:
-            elapsed = time.perf_counter() - window_t0
-            tokens = all_reduce_sum(torch.tensor(float(window_tokens))).item()
-            row = {"step": step_no, "epoch": round(step_no * cfg.gradient_accumulation_steps / per_epoch, 4),
-                   **window.means(), "grad_norm": sum(grad_norms) / len(grad_norms),
-                   "learning_rate": lr, "tokens_per_second": tokens / elapsed,
-                   "peak_memory_mb": peak_memory_mb(ranks.device)}
-            reporter.log(row)
-            reporter.step(0, loss=row["loss"], acc=row.get("rewards/accuracies", float("nan")))
-            window, window_tokens, window_t0, grad_norms = MetricSums(), 0, time.perf_counter(), []
-        reporter.step(1)
-        if cfg.eval_steps and step_no % cfg.eval_steps == 0 and step_no != total:
+    def save_checkpoint(step_no):
+        state = {"scheduler": scheduler.state_dict(), "micro_batches": step_no * cfg.gradient_accumulation_steps,
+                 "window": window.state(), "window_tokens": window_tokens, "grad_norms": grad_norms,
+                 "config": to_dict(cfg)}
+        path = None
+        if ranks.main and save_fn:
+            path = checkpoint.save_checkpoint(out, step_no, lambda d: save_fn(raw_model, d), optimizer, state,
+                                              cfg.save_total_limit)
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    if start_step == 0:
+        run_eval(0)
+    stream = micro_batches(len(train_examples), cfg.per_device_train_batch_size, cfg.seed, ranks,
+                           start=start_step * cfg.gradient_accumulation_steps)
+    window_t0, nonfinite = time.perf_counter(), 0
+    with StopSignal() as stop:
+        for step_no in range(start_step + 1, total + 1):
+            micro = [collate([train_examples[j] for j in idx])
+                     for idx in (next(stream) for _ in range(cfg.gradient_accumulation_steps))]
+            step_sums = MetricSums()
+            tokens = forward_backward(model, step, micro, ranks, cfg.precision, step_sums)
+            clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            step_loss = step_sums.means().get("loss", 0.0)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
+            if math.isfinite(grad_norm) and math.isfinite(step_loss):
+                optimizer.step()
+                nonfinite = 0
+                window.merge(step_sums)
+                window_tokens += tokens
+                grad_norms.append(grad_norm)
+            else:  # skip the update, keep the schedule moving so a resumed run stays in step
+                nonfinite += 1
+                reporter.log({"step": step_no, "skipped": "non-finite loss or gradient",
+                              "loss": step_loss, "grad_norm": grad_norm})
+                if nonfinite >= cfg.max_nonfinite_steps:
+                    last = checkpoint.list_checkpoints(out)
+                    raise UserError(f"stopped at step {step_no}: {nonfinite} steps in a row with a non-finite "
+                                    f"loss or gradient (lower learning_rate or use fp32); last good checkpoint: "
+                                    f"{last[-1] if last else 'none'}")
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            fault_point(f"step:{step_no}")
+            if (step_no % cfg.logging_steps == 0 or step_no == total) and window.count:
+                elapsed = time.perf_counter() - window_t0
+                tokens_all = all_reduce_sum(torch.tensor(float(window_tokens))).item()
+                row = {"step": step_no, "epoch": round(step_no * cfg.gradient_accumulation_steps / per_epoch, 4),
+                       **window.means(), "grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
+                       "learning_rate": lr, "tokens_per_second": tokens_all / elapsed,
+                       "peak_memory_mb": peak_memory_mb(ranks.device)}
+                reporter.log(row)
+                reporter.step(0, loss=row["loss"], acc=row.get("rewards/accuracies", float("nan")))
+                window, window_tokens, window_t0, grad_norms = MetricSums(), 0, time.perf_counter(), []
+            reporter.step(1)
             t0 = time.perf_counter()
-            run_eval(step_no)
-            window_t0 += time.perf_counter() - t0  # evaluation time is not training throughput
-        if cfg.save_steps and step_no % cfg.save_steps == 0 and step_no != total and ranks.main and save_fn:
-            save_fn(model, out / f"checkpoint-{step_no}")
+            if cfg.eval_steps and step_no % cfg.eval_steps == 0 and step_no != total:
+                run_eval(step_no)
+            if cfg.save_steps and step_no % cfg.save_steps == 0 and step_no != total and not nonfinite:
+                save_checkpoint(step_no)  # never in a run of non-finite steps: the last good one stays newest
+            window_t0 += time.perf_counter() - t0  # evaluation and saving are not training throughput
+            if stop.received and step_no != total:
+                path = save_checkpoint(step_no)
+                reporter.close()
+                raise Interrupted(stop.received, path)
     run_eval(total)
+    save_checkpoint(total)
     reporter.close()
     if ranks.main and save_fn:
-        save_fn(model, out)
-    return getattr(model, "module", model)
+        save_fn(raw_model, out)
+    return raw_model
+
+
+def truncate_metrics(path: Path, step: int):
+    """On resume, drop the lines a killed run wrote after its checkpoint; on a fresh start, all of them."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if step and line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(keep), encoding="utf-8")

@@ -1,0 +1,221 @@
+"""`dpokit verify`: the real loss code recovers the closed-form optimum on a toy problem small enough to
+enumerate.
+
+The toy. A few prompts x; the responses are every token sequence of length `response_length` over
+`vocab_size` tokens (2^3 = 8 by default); the policy is a softmax over all of them, one logit per
+(x, y), so it can represent any distribution and the DPO optimum is reachable. pi_ref and the
+ground-truth reward r(x, y) are random. Preference pairs: y1 != y2 drawn from pi_ref(.|x), y1 preferred
+with the Bradley-Terry probability s(r1 - r2). The policy starts at pi_ref and is trained with Adam in
+float64 on the full batch, with the loss functions of `dpokit.losses` (the ones the trainer uses).
+
+What is checked (DPO, arXiv 2305.18290):
+  * Eq. 4: the KL-regularised reward maximiser is pi*(y|x) = pi_ref(y|x) exp(r(x,y)/beta) / Z(x); DPO
+    trained on the population (every pair, weighted by its exact probability) must land on it, and on
+    `num_pairs` sampled pairs close to it: TV(pi, pi*) < `tv_bound` (0.02 for 20,000 pairs).
+  * Eq. 5: the implicit reward r_hat = beta log pi/pi_ref equals r up to a function of x alone, so
+    r_hat(x, y) - r(x, y) has zero spread over y.
+With finite data the DPO optimum is the *empirical* preference optimum (the Bradley-Terry MLE of the
+sampled comparisons): its error shrinks like 1/sqrt(comparisons per response), which is why the toy has
+few responses per prompt and few prompts (~5,000 pairs per prompt, ~1,250 comparisons per response).
+
+Deterministic labels (the higher reward always wins; Azar et al., arXiv 2310.12036, Sec. 4.2): the
+Bradley-Terry reward gap is infinite, so DPO's optimum is a deterministic policy and training drifts
+toward it; IPO has a finite optimum which, for pairs drawn i.i.d. from mu = pi_ref, is (setting the
+gradient of E[(h - 1/(2 tau))^2] to zero, tau = beta, a tabular policy):
+
+    pi_IPO(y|x) ~ pi_ref(y|x) exp( P(y > mu | x) / tau ),   P(y > mu) = mu(r < r(y)) + mu(y)/2
+
+(the paper's Eq. 8 with Psi = identity); conservative DPO (label smoothing eps) has a finite optimum too.
+This part trains on the population of pairs, so there is no sampling noise in the comparison.
+"""
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dpokit.config import opt
+from dpokit.losses import LOSSES
+
+
+@dataclass
+class VerifyConfig:
+    """Closed-form optimum check of the preference losses on an enumerable toy problem."""
+
+    num_prompts: int = opt(4, "prompts x in the toy problem")
+    vocab_size: int = opt(2, "tokens in the toy vocabulary")
+    response_length: int = opt(3, "tokens per response; the policy covers all vocab_size**response_length responses")
+    beta: float = opt(1.0, "KL strength beta (IPO's tau)")
+    reward_scale: float = opt(1.0, "standard deviation of the ground-truth rewards r(x, y)")
+    reference_scale: float = opt(0.5, "standard deviation of pi_ref's logits (0: uniform reference)")
+    num_pairs: int = opt(20000, "sampled preference pairs for the finite-data check")
+    steps: int = opt(1500, "full-batch Adam steps per training run")
+    learning_rate: float = opt(0.05, "Adam learning rate (cosine-decayed to 0)")
+    label_smoothing: float = opt(0.1, "cDPO's flip probability eps in the deterministic-label comparison")
+    tv_bound: float = opt(0.02, "largest acceptable mean TV(pi, pi*) with num_pairs sampled pairs")
+    seed: int = opt(0, "seed of the toy problem and the sampled pairs")
+
+
+# --- the toy problem -----------------------------------------------------------------------------------
+
+def make_problem(cfg, generator):
+    """pi_ref's log-probs and the rewards, both (X, N), float64."""
+    responses = list(itertools.product(range(cfg.vocab_size), repeat=cfg.response_length))
+    X, N = cfg.num_prompts, len(responses)
+    ref_logps = torch.log_softmax(cfg.reference_scale * torch.randn(X, N, generator=generator, dtype=torch.float64), -1)
+    rewards = cfg.reward_scale * torch.randn(X, N, generator=generator, dtype=torch.float64)
+    return ref_logps, rewards
+
+
+def optimal_policy(ref_logps, rewards, beta):
+    """log pi*(y|x) = log pi_ref(y|x) + r(x,y)/beta - log Z(x)  (DPO, Eq. 4). (X, N)"""
+    return torch.log_softmax(ref_logps + rewards / beta, -1)
+
+
+def ipo_optimal_policy(ref_logps, rewards, tau):
+    """log pi_IPO for deterministic labels, pairs i.i.d. from mu = pi_ref (derivation in the docstring)."""
+    mu = ref_logps.exp()                                                           # (X, N)
+    beats = (rewards[:, :, None] > rewards[:, None, :]).double()                   # (X, N, N): y beats y'
+    p_win = (beats * mu[:, None, :]).sum(-1) + mu / 2                              # P(y > mu), (X, N)
+    return torch.log_softmax(ref_logps + p_win / tau, -1)
+
+
+def population_pairs(ref_logps, rewards, deterministic: bool):
+    """Every ordered pair (x, winner, loser), winner != loser, weighted by rho(x) mu(w) mu(l) p(w > l)."""
+    X, N = ref_logps.shape
+    x, w, l = torch.meshgrid(torch.arange(X), torch.arange(N), torch.arange(N), indexing="ij")
+    x, w, l = x.flatten(), w.flatten(), l.flatten()
+    keep = w != l
+    x, w, l = x[keep], w[keep], l[keep]
+    gap = rewards[x, w] - rewards[x, l]
+    p_win = (gap > 0).double() if deterministic else torch.sigmoid(gap)
+    weight = ref_logps[x, w].exp() * ref_logps[x, l].exp() * p_win / X
+    return x, w, l, weight
+
+
+def sampled_pairs(ref_logps, rewards, num_pairs, generator):
+    """num_pairs comparisons: x uniform, y1 != y2 ~ pi_ref(.|x) i.i.d. (a draw with y1 == y2 is redrawn),
+    labelled by Bradley-Terry. Returned as distinct (x, winner, loser) triples with their counts: the
+    full-batch loss over the pairs is the count-weighted loss over the triples."""
+    X, N = ref_logps.shape
+    xs, y1s, y2s = [], [], []
+    while sum(len(x) for x in xs) < num_pairs:
+        x = torch.randint(X, (num_pairs,), generator=generator)
+        y = torch.multinomial(ref_logps[x].exp(), 2, replacement=True, generator=generator)     # (n, 2)
+        keep = y[:, 0] != y[:, 1]
+        xs.append(x[keep]), y1s.append(y[keep, 0]), y2s.append(y[keep, 1])
+    x, y1, y2 = (torch.cat(t)[:num_pairs] for t in (xs, y1s, y2s))
+    first_wins = torch.rand(num_pairs, generator=generator, dtype=torch.float64) < torch.sigmoid(
+        rewards[x, y1] - rewards[x, y2])
+    w, l = torch.where(first_wins, y1, y2), torch.where(first_wins, y2, y1)
+    triples, counts = torch.unique(torch.stack([x, w, l]), dim=1, return_counts=True)
+    return triples[0], triples[1], triples[2], counts.double()
+
+
+# --- training with the library's losses ---------------------------------------------------------------
+
+def train(loss_type, ref_logps, pairs, cfg, record_at=(), **hyper):
+    """Adam on one logit per (x, y), from pi_ref. Returns the final log pi (X, N) and {step: log pi}."""
+    x, w, l, weight = pairs
+    weight = weight / weight.sum()
+    logits = ref_logps.clone().requires_grad_()
+    optimizer = torch.optim.Adam([logits], lr=cfg.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    loss_fn, snapshots = LOSSES[loss_type].fn, {}
+    for step in range(cfg.steps + 1):
+        if step in record_at:
+            snapshots[step] = torch.log_softmax(logits.detach(), -1)
+        if step == cfg.steps:
+            break
+        logps = torch.log_softmax(logits, -1)                                        # (X, N)
+        losses, _, _ = loss_fn(logps[x, w], logps[x, l], ref_logps[x, w], ref_logps[x, l], beta=cfg.beta, **hyper)
+        optimizer.zero_grad()
+        (weight * losses).sum().backward()
+        optimizer.step()
+        schedule.step()
+    return torch.log_softmax(logits.detach(), -1), snapshots
+
+
+# --- what is reported ------------------------------------------------------------------------------------
+
+def tv(logp, logq):
+    """Total variation per prompt, (X,)."""
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+
+
+def kl(logp, logq):
+    """KL(p || q) per prompt, (X,)."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def entropy(logp):
+    return -(logp.exp() * logp).sum(-1)
+
+
+def expected_reward(logp, rewards):
+    return (logp.exp() * rewards).sum(-1).mean().item()
+
+
+def compare(logp, opt_logp, ref_logps, rewards, beta):
+    """The numbers of the closed-form check for a trained policy log pi (X, N)."""
+    gap = beta * (logp - ref_logps) - rewards                                      # r_hat - r, (X, N)
+    return {"tv": tv(logp, opt_logp).mean().item(), "tv_max": tv(logp, opt_logp).max().item(),
+            "kl": kl(logp, opt_logp).mean().item(), "reward": expected_reward(logp, rewards),
+            "implicit_reward_spread": (gap.max(-1).values - gap.min(-1).values).max().item()}
+
+
+def run(cfg: VerifyConfig) -> dict:
+    start = time.time()
+    g = torch.Generator().manual_seed(cfg.seed)
+    ref_logps, rewards = make_problem(cfg, g)
+    X, N = ref_logps.shape
+    opt_logp = optimal_policy(ref_logps, rewards, cfg.beta)
+    print(f"toy problem: {X} prompts x {N} responses ({cfg.vocab_size} tokens, length {cfg.response_length}), "
+          f"beta = {cfg.beta}, r ~ N(0, {cfg.reward_scale}^2)")
+    print(f"TV(pi_ref, pi*) = {tv(ref_logps, opt_logp).mean():.4f}; expected reward: pi_ref "
+          f"{expected_reward(ref_logps, rewards):.4f}, pi* {expected_reward(opt_logp, rewards):.4f}")
+
+    # 1. DPO recovers pi* = pi_ref exp(r/beta) / Z: on the population, and on sampled pairs
+    population, _ = train("sigmoid", ref_logps, population_pairs(ref_logps, rewards, False), cfg)
+    sampled, _ = train("sigmoid", ref_logps, sampled_pairs(ref_logps, rewards, cfg.num_pairs, g), cfg)
+    results = {"pi_ref_reward": expected_reward(ref_logps, rewards), "pi_star_reward": expected_reward(opt_logp, rewards),
+               "population": compare(population, opt_logp, ref_logps, rewards, cfg.beta),
+               "sampled": compare(sampled, opt_logp, ref_logps, rewards, cfg.beta)}
+    print(f"\nDPO (sigmoid) vs the closed form pi* (mean over prompts; spread = max_x [max_y - min_y] (r_hat - r))")
+    print(f"{'data':<24}{'TV':>9}{'TV max':>9}{'KL':>11}{'E[r]':>9}{'spread':>10}")
+    for name, label in [("population", "population (exact)"), ("sampled", f"{cfg.num_pairs} sampled pairs")]:
+        m = results[name]
+        print(f"{label:<24}{m['tv']:>9.4f}{m['tv_max']:>9.4f}{m['kl']:>11.2e}{m['reward']:>9.4f}"
+              f"{m['implicit_reward_spread']:>10.4f}")
+
+    # 2. deterministic labels: DPO drifts to a deterministic policy, IPO and cDPO stay at finite optima
+    pairs = population_pairs(ref_logps, rewards, True)
+    record_at = sorted({0, cfg.steps // 100, cfg.steps // 30, cfg.steps // 10, cfg.steps // 3, cfg.steps})
+    ipo_logp = ipo_optimal_policy(ref_logps, rewards, cfg.beta)
+    runs = {"dpo": train("sigmoid", ref_logps, pairs, cfg, record_at)[1],
+            "ipo": train("ipo", ref_logps, pairs, cfg, record_at)[1],
+            "cdpo": train("sigmoid", ref_logps, pairs, cfg, record_at, label_smoothing=cfg.label_smoothing)[1]}
+    table = {name: [{"step": s, "max_prob": lp.exp().max(-1).values.mean().item(),
+                     "entropy": entropy(lp).mean().item(), "tv_ipo_optimum": tv(lp, ipo_logp).mean().item()}
+                    for s, lp in snaps.items()] for name, snaps in runs.items()}
+    results["deterministic"] = table
+    results["ipo_optimum"] = {"max_prob": ipo_logp.exp().max(-1).values.mean().item(),
+                              "entropy": entropy(ipo_logp).mean().item()}
+    print(f"\ndeterministic labels (higher reward wins), population pairs; mean over prompts of max_y pi(y|x), "
+          f"entropy H, and TV to IPO's closed-form optimum")
+    print(f"{'step':>6} | {'DPO max':>8}{'H':>7} | {'IPO max':>8}{'H':>7}{'TV':>8} | "
+          f"{'cDPO max':>9}{'H':>7}   (eps = {cfg.label_smoothing})")
+    for i, step in enumerate(record_at):
+        d, p, c = (table[k][i] for k in ("dpo", "ipo", "cdpo"))
+        print(f"{step:>6} | {d['max_prob']:>8.4f}{d['entropy']:>7.3f} | {p['max_prob']:>8.4f}{p['entropy']:>7.3f}"
+              f"{p['tv_ipo_optimum']:>8.4f} | {c['max_prob']:>9.4f}{c['entropy']:>7.3f}")
+    print(f"{'IPO closed form':>15}{results['ipo_optimum']['max_prob']:>15.4f}{results['ipo_optimum']['entropy']:>7.3f}")
+
+    results["seconds"] = time.time() - start
+    results["passed"] = results["sampled"]["tv"] < cfg.tv_bound and results["population"]["tv"] < 1e-3
+    print(f"\n{'PASS' if results['passed'] else 'FAIL'}: TV(pi_DPO, pi*) = {results['sampled']['tv']:.4f} with "
+          f"{cfg.num_pairs} pairs (bound {cfg.tv_bound}), {results['population']['tv']:.1e} on the population; "
+          f"{results['seconds']:.1f} s")
+    return results
