@@ -8,10 +8,12 @@ import sys
 from dpokit.config import DPOConfig, EvalConfig, help_text, load_config
 from dpokit.errors import Interrupted, UserError
 from dpokit.report import setup_logging
+from dpokit.verify import VerifyConfig
 
 COMMANDS = {
     "dpo": (DPOConfig, "dpokit.train.dpo", "fine-tune a causal LM with DPO on preference pairs"),
     "eval": (EvalConfig, "dpokit.evaluate", "a trained policy against its reference on held-out data"),
+    "verify": (VerifyConfig, "dpokit.verify", "the losses recover DPO's closed-form optimum on an enumerable toy"),
 }
 
 

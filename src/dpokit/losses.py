@@ -437,9 +437,9 @@ def combined_loss(loss_types, loss_weights=None, *args, **kwargs):
 
 def requirements(loss_types, reference_free: bool = False, ipo_length_normalize: bool = False):
     """(needs_reference, needs_lengths) of a combination: what the step must compute for it."""
-    specs = [LOSSES[t] for t in ([loss_types] if isinstance(loss_types, str) else loss_types)]
-    needs_reference = not reference_free and any(s.needs_reference for s in specs)
-    needs_lengths = any(s.needs_lengths for s in specs) or (ipo_length_normalize and LOSSES["ipo"] in specs)
+    names = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    needs_reference = not reference_free and any(LOSSES[t].needs_reference for t in names)
+    needs_lengths = any(LOSSES[t].needs_lengths for t in names) or (ipo_length_normalize and "ipo" in names)
     return needs_reference, needs_lengths
 
 
