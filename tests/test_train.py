@@ -39,7 +39,7 @@ def test_gradient_accumulation_4x2_equals_1x8(tiny, smol_tokenizer):
     with torch.no_grad():  # move the policy away from the reference so the loss is not at its symmetric point
         for p in tiny.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    step = dpo.DPOStep(reference, beta=0.5)
+    step = dpo.DPOStep(reference, DPOConfig(dataset="unused", beta=0.5))
     pairs = make_pairs(smol_tokenizer, 8)
     pairs[3].chosen_ids = pairs[3].chosen_ids * 2  # uneven lengths: padding differs between layouts
     g8 = accumulated_grads(tiny, step, pairs, 8, smol_tokenizer.pad_token_id)

@@ -5,16 +5,26 @@ A UserError (bad data, bad config) becomes one line `error: ...` and exit code 2
 
 import sys
 
-from dpokit.config import DPOConfig, EvalConfig, help_text, load_config
+import importlib
+
+from dpokit.config import help_text, load_config
 from dpokit.errors import Interrupted, UserError
 from dpokit.report import setup_logging
-from dpokit.verify import VerifyConfig
 
+# command -> (config class, module with run(cfg), description); imported only when used, so that
+# `dpokit --help` and config errors answer without importing torch
 COMMANDS = {
-    "dpo": (DPOConfig, "dpokit.train.dpo", "fine-tune a causal LM with DPO on preference pairs"),
-    "eval": (EvalConfig, "dpokit.evaluate", "a trained policy against its reference on held-out data"),
-    "verify": (VerifyConfig, "dpokit.verify", "the losses recover DPO's closed-form optimum on an enumerable toy"),
+    "dpo": ("dpokit.config:DPOConfig", "dpokit.train.dpo", "fine-tune a causal LM with DPO (or another "
+            "preference loss) on preference pairs"),
+    "eval": ("dpokit.config:EvalConfig", "dpokit.evaluate", "a trained policy against its reference on held-out data"),
+    "verify": ("dpokit.verify:VerifyConfig", "dpokit.verify", "the losses recover DPO's closed-form optimum on an "
+               "enumerable toy"),
 }
+
+
+def config_class(name: str):
+    module, cls = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def usage() -> str:
@@ -50,15 +60,13 @@ def main(argv=None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command '{command}' (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    cls, module, _ = COMMANDS[command]
+    cls, module = config_class(command), COMMANDS[command][1]
     if "-h" in rest or "--help" in rest:
         print(help_text(cls, command))
         return 0
     setup_logging()
     try:
         cfg = load_config(cls, *parse(rest))
-        import importlib
-
         importlib.import_module(module).run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

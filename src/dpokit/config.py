@@ -17,8 +17,16 @@ from dpokit.errors import UserError
 
 
 def opt(default, help: str, choices=None, **kw):
-    """A config field with its help text (and, for strings, the valid choices)."""
+    """A config field with its help text (and, for strings or lists of strings, the valid choices)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices}, **kw)
     return field(default=default, metadata={"help": help, "choices": choices}, **kw)
+
+
+# Names of dpokit.losses.LOSSES plus the unpaired `kto` (kept here so that the CLI's help and checks
+# need not import torch; a test keeps the two lists equal).
+LOSS_TYPES = ["sigmoid", "robust", "ipo", "hinge", "nca_pair", "exo_pair", "bco_pair", "sppo_hard", "apo_zero",
+              "apo_down", "aot", "aot_pair", "discopop", "simpo", "orpo", "sft", "kto"]
 
 
 @dataclass
@@ -76,7 +84,19 @@ class DPOConfig(TrainConfig):
     learning_rate: float = opt(1e-6, "peak learning rate (the DPO paper: 1e-6)")
     beta: float = opt(0.1, "KL strength beta: implicit reward = beta * log(pi / pi_ref)")
     label_smoothing: float = opt(0.0, "probability that a preference label is flipped (conservative DPO); 0 = DPO")
-    loss_type: str = opt("sigmoid", "preference loss", ["sigmoid"])
+    loss_type: typing.List[str] = opt(["sigmoid"], "preference loss, or several to add up (e.g. sigmoid,sft = "
+                                      "RPO); see docs/losses.md. `kto` takes unpaired data (prompt, "
+                                      "completion, label)", LOSS_TYPES)
+    loss_weights: typing.Optional[typing.List[float]] = opt(None, "weight of each loss in loss_type (default: all 1)")
+    reference_free: bool = opt(False, "a uniform reference (log pi_ref = 0), as in the original DPO code; "
+                               "no reference model is loaded")
+    ipo_length_normalize: bool = opt(False, "ipo on per-token average log-ratios (TRL) instead of the paper's sums")
+    simpo_gamma: float = opt(0.5, "SimPO target reward margin gamma")
+    discopop_tau: float = opt(0.05, "DiscoPOP temperature tau")
+    desirable_weight: float = opt(1.0, "KTO weight lambda_D of desirable examples")
+    undesirable_weight: float = opt(1.0, "KTO weight lambda_U of undesirable examples")
+    ref_sync_steps: int = opt(0, "TR-DPO: every this many steps pi_ref <- alpha pi + (1 - alpha) pi_ref (0: off)")
+    ref_sync_alpha: float = opt(0.6, "TR-DPO mixing weight alpha (1: copy the policy)")
     ref_model: typing.Optional[str] = opt(None, "reference model pi_ref (default: a frozen copy of `model`)")
 
 
@@ -121,10 +141,21 @@ def _base_type(tp):
     return tp, False
 
 
+def _list_of(tp):
+    """List[float] -> float; anything else -> None."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+
+
 def coerce(key: str, value, tp, choices=None, source: str = ""):
     """Turn a YAML / command-line value into the field's type, or raise a UserError naming the key."""
     base, optional = _base_type(tp)
     where = f"{source}: " if source else ""
+    item = _list_of(base)
+    if item is not None and value is not None:  # a YAML list, or "a,b" on the command line
+        values = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+        if not values:
+            raise UserError(f"{where}key '{key}' needs at least one value")
+        return [coerce(key, v, item, choices, source) for v in values]
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional or base is str and value is None:
             return None
@@ -217,6 +248,12 @@ def validate(cfg):
         raise UserError(f"key 'temperature': must be non-negative, got {cfg.temperature}")
     if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
         raise UserError(f"key 'top_p': must be in (0, 1], got {cfg.top_p}")
+    if getattr(cfg, "loss_weights", None) is not None and len(cfg.loss_weights) != len(cfg.loss_type):
+        raise UserError(f"key 'loss_weights': {len(cfg.loss_weights)} weights for {len(cfg.loss_type)} loss types")
+    if "kto" in getattr(cfg, "loss_type", []) and len(cfg.loss_type) > 1:
+        raise UserError("key 'loss_type': kto trains on unpaired data and cannot be combined with other losses")
+    if hasattr(cfg, "ref_sync_alpha") and not 0 < cfg.ref_sync_alpha <= 1:
+        raise UserError(f"key 'ref_sync_alpha': must be in (0, 1], got {cfg.ref_sync_alpha}")
     if hasattr(cfg, "num_train_epochs") and getattr(cfg, "max_steps", 0) <= 0 and not cfg.num_train_epochs > 0:
         raise UserError("key 'num_train_epochs': must be positive when max_steps is -1")
     if getattr(cfg, "dataset", "x") is None:
@@ -232,8 +269,13 @@ def help_text(cls, command: str) -> str:
     for f, tp in fields_of(cls):
         base, optional = _base_type(tp)
         choices = f.metadata.get("choices")
-        kind = "|".join(choices) if choices else base.__name__
-        lines.append(f"  {f.name}={kind}  (default: {f.default})")
+        item = _list_of(base)
+        kind = "|".join(choices) if choices else (item or base).__name__
+        kind = f"{kind}[,...]" if item else kind
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        lines.append(f"  {f.name}={kind}  (default: {default})")
         lines.append(f"      {f.metadata.get('help', '')}")
     return "\n".join(lines)
 

@@ -136,7 +136,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
 
     path = Path(path)
     weights = {}
-    for f in sorted(path.glob("*.safetensors")):
+    for f in sorted(path.glob("model*.safetensors")):  # model.safetensors or its shards, nothing else
         weights.update(load_file(f))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

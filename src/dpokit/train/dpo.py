@@ -3,6 +3,7 @@ loss of losses.py) and the `dpokit dpo` job that wires data, models and the shar
 
 import copy
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -12,32 +13,53 @@ from dpokit.data.load import FILE_SUFFIXES, MissingSplit, load_pairs
 from dpokit.data.tokenize import tokenize_dataset
 from dpokit.errors import UserError
 from dpokit.logprobs import sequence_logps
-from dpokit.losses import LOSSES
+from dpokit.losses import RewardMean, combined_loss, requirements, soft_update_reference
 from dpokit.report import log, plot_metrics
 from dpokit.train import loop
 
 
 class DPOStep:
     """step(policy, batch) -> (losses (B,), metrics): one forward of the policy over chosen and rejected
-    together, the reference's log-probs under no_grad (or cached in the batch), then the loss."""
+    together, the reference's log-probs under no_grad (or cached in the batch; none at all for
+    reference-free losses), then the configured loss (or weighted sum of losses) of losses.py."""
 
-    def __init__(self, reference, beta: float, label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
+    def __init__(self, reference, cfg):
         self.reference = reference
-        self.beta, self.label_smoothing = beta, label_smoothing
-        self.loss_fn = LOSSES[loss_type]
+        self.loss_types, self.loss_weights = list(cfg.loss_type), cfg.loss_weights
+        self.needs_reference, self.needs_lengths = requirements(self.loss_types, cfg.reference_free,
+                                                                cfg.ipo_length_normalize)
+        self.hyper = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "reference_free": cfg.reference_free,
+                      "ipo_length_normalize": cfg.ipo_length_normalize, "simpo_gamma": cfg.simpo_gamma,
+                      "discopop_tau": cfg.discopop_tau}
+        self.beta = cfg.beta
+        # BCO's reward shift delta: a running mean of the implicit rewards over training (saved in checkpoints)
+        self.bco_mean = RewardMean() if "bco_pair" in self.loss_types else None
+        self.ref_sync_steps, self.ref_sync_alpha = cfg.ref_sync_steps, cfg.ref_sync_alpha
 
     def reference_logps(self, batch):
+        if not self.needs_reference:
+            return None
         if "reference_logps" in batch:
-            return batch["reference_logps"]
+            return batch["reference_logps"].to(batch["input_ids"].device)
         with torch.no_grad():
             return sequence_logps(self.reference, batch)[0]
 
     def __call__(self, policy, batch):
         B = batch["num_examples"]
-        logps, _ = sequence_logps(policy, batch)                     # (2B,)
-        ref = self.reference_logps(batch)                            # (2B,)
-        losses, chosen_rewards, rejected_rewards = self.loss_fn(
-            logps[:B], logps[B:], ref[:B], ref[B:], beta=self.beta, label_smoothing=self.label_smoothing)
+        logps, n_tokens = sequence_logps(policy, batch)              # (2B,), (2B,)
+        ref = self.reference_logps(batch)                            # (2B,) or None
+        kwargs = dict(self.hyper)
+        if self.needs_lengths:
+            kwargs.update(chosen_lengths=n_tokens[:B].float(), rejected_lengths=n_tokens[B:].float())
+        if self.bco_mean is not None:
+            if policy.training:
+                rewards = self.beta * (logps - ref).detach()
+                total = loop.all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()))]).cpu())
+                self.bco_mean.update(torch.full((int(total[1]),), (total[0] / total[1]).item()))
+            kwargs["bco_delta"] = self.bco_mean.mean
+        losses, chosen_rewards, rejected_rewards = combined_loss(
+            self.loss_types, self.loss_weights, logps[:B], logps[B:],
+            None if ref is None else ref[:B], None if ref is None else ref[B:], **kwargs)
         margins = chosen_rewards - rejected_rewards
         metrics = {
             "rewards/chosen": chosen_rewards,
@@ -49,6 +71,33 @@ class DPOStep:
             "logps/rejected": logps[B:].detach(),
         }
         return losses, metrics
+
+    # --- hooks the shared loop calls -------------------------------------------------------------------
+
+    def after_optimizer_step(self, step_no, policy):
+        """TR-DPO (arXiv 2404.09656): every ref_sync_steps, pi_ref <- alpha pi + (1 - alpha) pi_ref."""
+        if self.ref_sync_steps and step_no % self.ref_sync_steps == 0:
+            soft_update_reference(self.reference, policy, self.ref_sync_alpha)
+
+    def state_dict(self) -> dict:
+        return {"bco": self.bco_mean.state_dict()} if self.bco_mean is not None else {}
+
+    def load_state_dict(self, state: dict):
+        if self.bco_mean is not None:
+            self.bco_mean.load_state_dict(state["bco"])
+
+    def save_state(self, directory):
+        """A reference that moves (TR-DPO) is part of the run's state: checkpoint it too."""
+        if self.ref_sync_steps:
+            from safetensors.torch import save_model
+
+            save_model(self.reference, str(Path(directory) / "reference.safetensors"))
+
+    def load_state(self, directory):
+        if self.ref_sync_steps:
+            from safetensors.torch import load_model
+
+            load_model(self.reference, str(Path(directory) / "reference.safetensors"))
 
 
 def collate_with_reference(pairs, pad_id):
@@ -103,17 +152,21 @@ def run(cfg):
     train_examples = load_split(cfg, tokenizer, cfg.dataset, cfg.dataset_train_split)
     eval_examples = load_eval_split(cfg, tokenizer)
     policy = models.load_model(cfg.model, cfg.trust_remote_code)
-    reference = models.load_model(cfg.ref_model, cfg.trust_remote_code) if cfg.ref_model \
-        else copy.deepcopy(policy)
     loop.check_output_dir(cfg, sum(p.numel() for p in policy.parameters()))
     if cfg.disable_dropout:
         models.disable_dropout(policy)
-    reference.requires_grad_(False).eval().to(ranks.device)
+    needs_reference, _ = requirements(cfg.loss_type, cfg.reference_free, cfg.ipo_length_normalize)
+    reference = None
+    if needs_reference:  # reference-free losses (simpo, orpo, sft, reference_free) load no reference at all
+        reference = models.load_model(cfg.ref_model, cfg.trust_remote_code) if cfg.ref_model \
+            else copy.deepcopy(policy)
+        models.disable_dropout(reference)
+        reference.requires_grad_(False).eval().to(ranks.device)
     pad_id = tokenizer.pad_token_id
-    if eval_examples:
+    if eval_examples and needs_reference and not cfg.ref_sync_steps:  # a fixed reference: its log-probs once
         cache_reference_logps(reference, eval_examples, pad_id, cfg.per_device_eval_batch_size,
                               ranks.device, cfg.precision)
-    step = DPOStep(reference, cfg.beta, cfg.label_smoothing, cfg.loss_type)
+    step = DPOStep(reference, cfg)
     save = partial(_save, tokenizer=tokenizer)
     trained = loop.train(cfg, policy, tokenizer, step, train_examples, eval_examples,
                          partial(collate_with_reference, pad_id=pad_id), ranks, save_fn=save)

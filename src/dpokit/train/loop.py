@@ -280,6 +280,9 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
         state = checkpoint.load_checkpoint(resume_from, raw_model, optimizer)
         check_resumable(cfg, state, resume_from)
         scheduler.load_state_dict(state["scheduler"])
+        if hasattr(step, "load_state_dict"):
+            step.load_state_dict(state.get("step_state", {}))
+            step.load_state(resume_from)
         start_step = state["step"]
         window.load(state["window"])
         window_tokens, grad_norms = state["window_tokens"], state["grad_norms"]
@@ -301,11 +304,15 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
     def save_checkpoint(step_no):
         state = {"scheduler": scheduler.state_dict(), "micro_batches": step_no * cfg.gradient_accumulation_steps,
                  "window": window.state(), "window_tokens": window_tokens, "grad_norms": grad_norms,
-                 "config": to_dict(cfg)}
+                 "config": to_dict(cfg), "step_state": step.state_dict() if hasattr(step, "state_dict") else {}}
+
+        def write(directory):
+            save_fn(raw_model, directory)
+            if hasattr(step, "save_state"):
+                step.save_state(directory)
         path = None
         if ranks.main and save_fn:
-            path = checkpoint.save_checkpoint(out, step_no, lambda d: save_fn(raw_model, d), optimizer, state,
-                                              cfg.save_total_limit)
+            path = checkpoint.save_checkpoint(out, step_no, write, optimizer, state, cfg.save_total_limit)
         if dist.is_initialized():
             dist.barrier()
         return path
@@ -327,6 +334,8 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             if math.isfinite(grad_norm) and math.isfinite(step_loss):
                 optimizer.step()
+                if hasattr(step, "after_optimizer_step"):
+                    step.after_optimizer_step(step_no, raw_model)
                 nonfinite = 0
                 window.merge(step_sums)
                 window_tokens += tokens
