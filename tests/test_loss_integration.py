@@ -74,3 +74,45 @@ def test_resume_with_moving_reference_and_bco_state_is_exact(tiny_model_dir, pre
     a = (tmp_path / "full" / "model.safetensors").read_bytes()
     b = (tmp_path / "resumed" / "model.safetensors").read_bytes()
     assert a == b
+
+
+def kto_rows(n):
+    from conftest import REVIEWS
+
+    rows = []
+    for p, c, r in (REVIEWS * 4)[:n]:
+        rows.append({"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}],
+                     "label": True})
+        rows.append({"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": r}],
+                     "label": "false"})
+    return rows
+
+
+def test_kto_on_unpaired_data(tiny_model_dir, tmp_path):
+    import json
+
+    from conftest import write_jsonl
+
+    d = tmp_path / "kto"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", kto_rows(8))
+    write_jsonl(d / "test.jsonl", kto_rows(4))
+    run_dpo(tiny_model_dir, d, tmp_path / "o", loss_type=["kto"], max_steps=4, desirable_weight=1.33)
+    rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval/loss" in r]
+    assert all(k in train[0] for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "kl"))
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    assert evals[-1]["eval/rewards/chosen"] > evals[-1]["eval/rewards/rejected"]
+
+
+def test_kto_bad_label(tiny_model_dir, tmp_path, capsys):
+    from conftest import write_jsonl
+    from dpokit.cli import main
+
+    rows = kto_rows(2)
+    rows[1]["label"] = "maybe"
+    path = write_jsonl(tmp_path / "k.jsonl", rows)
+    assert main(["dpo", f"model={tiny_model_dir}", f"dataset={path}", "loss_type=kto",
+                 f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "k.jsonl: row 2: field 'label': expected true or false, got 'maybe'" in capsys.readouterr().err

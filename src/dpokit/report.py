@@ -98,7 +98,8 @@ def plot_metrics(metrics_path, out_png, keys=("loss", "rewards/accuracies", "rew
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if train or evals:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

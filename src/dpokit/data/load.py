@@ -196,3 +196,39 @@ def load_pairs(source: str, split: str = "train") -> tuple[list, str, str]:
         out.append((row, {k: obj[k] for k in keys}))
     fmt = ("conversational" if kind == "messages" else "standard") + ("" if has_prompt else "+implicit_prompt")
     return out, label, fmt
+
+
+def _check_label(label, row, value) -> bool:
+    """KTO labels: JSON booleans, 0/1, or 'true'/'false' (CSV cells are strings)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if value is None:
+        raise UserError(f"{where(label, row, 'label')}: missing")
+    raise UserError(f"{where(label, row, 'label')}: expected true or false, got {value!r}")
+
+
+def load_unpaired(source: str, split: str = "train") -> tuple[list, str, str]:
+    """Checked unpaired rows for KTO: (row_number, {prompt, completion, label (bool)})."""
+    rows, label = read_rows(source, split)
+    if not rows:
+        raise UserError(f"{label}: no rows")
+    first_row, first = rows[0]
+    for key in ("prompt", "completion", "label"):
+        if key not in first:
+            raise UserError(f"{where(label, first_row, key)}: missing (unpaired data for kto needs prompt, "
+                            f"completion, label; columns: {', '.join(map(str, first))})")
+    kind = "messages" if isinstance(first["completion"], list) else "str"
+    out = []
+    for row, obj in rows:
+        for key in ("prompt", "completion"):
+            check_field(label, row, key, obj.get(key), kind)
+        out.append((row, {"prompt": obj["prompt"], "completion": obj["completion"],
+                          "label": _check_label(label, row, obj.get("label"))}))
+    if len({r["label"] for _, r in out}) < 2:
+        log_kind = "desirable" if out[0][1]["label"] else "undesirable"
+        raise UserError(f"{label}: every example is {log_kind}; kto needs both labels")
+    return out, label, "conversational" if kind == "messages" else "standard"

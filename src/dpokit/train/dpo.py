@@ -15,7 +15,7 @@ from dpokit.errors import UserError
 from dpokit.logprobs import sequence_logps
 from dpokit.losses import RewardMean, combined_loss, requirements, soft_update_reference
 from dpokit.report import log, plot_metrics
-from dpokit.train import loop
+from dpokit.train import kto, loop
 
 
 class DPOStep:
@@ -122,6 +122,8 @@ def cache_reference_logps(reference, examples, pad_id, batch_size, device, preci
 
 
 def load_split(cfg, tokenizer, source, split):
+    if cfg.loss_type == ["kto"]:
+        return kto.load_kto_split(cfg, tokenizer, source, split)
     rows, label, fmt = load_pairs(source, split)
     examples, stats = tokenize_dataset(tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length,
                                        cfg.truncation_mode)
@@ -155,7 +157,8 @@ def run(cfg):
     loop.check_output_dir(cfg, sum(p.numel() for p in policy.parameters()))
     if cfg.disable_dropout:
         models.disable_dropout(policy)
-    needs_reference, _ = requirements(cfg.loss_type, cfg.reference_free, cfg.ipo_length_normalize)
+    unpaired = cfg.loss_type == ["kto"]
+    needs_reference = unpaired or requirements(cfg.loss_type, cfg.reference_free, cfg.ipo_length_normalize)[0]
     reference = None
     if needs_reference:  # reference-free losses (simpo, orpo, sft, reference_free) load no reference at all
         reference = models.load_model(cfg.ref_model, cfg.trust_remote_code) if cfg.ref_model \
@@ -163,15 +166,20 @@ def run(cfg):
         models.disable_dropout(reference)
         reference.requires_grad_(False).eval().to(ranks.device)
     pad_id = tokenizer.pad_token_id
-    if eval_examples and needs_reference and not cfg.ref_sync_steps:  # a fixed reference: its log-probs once
+    if eval_examples and needs_reference and not cfg.ref_sync_steps and not unpaired:
+        # a fixed reference: its held-out log-probs once, not at every evaluation
         cache_reference_logps(reference, eval_examples, pad_id, cfg.per_device_eval_batch_size,
                               ranks.device, cfg.precision)
-    step = DPOStep(reference, cfg)
+    if unpaired:
+        step, collate = kto.KTOStep(reference, cfg), partial(kto.collate_kto, pad_id=pad_id)
+    else:
+        step, collate = DPOStep(reference, cfg), partial(collate_with_reference, pad_id=pad_id)
     save = partial(_save, tokenizer=tokenizer)
-    trained = loop.train(cfg, policy, tokenizer, step, train_examples, eval_examples,
-                         partial(collate_with_reference, pad_id=pad_id), ranks, save_fn=save)
+    trained = loop.train(cfg, policy, tokenizer, step, train_examples, eval_examples, collate, ranks, save_fn=save)
     if ranks.main:
-        plot_metrics(f"{cfg.output_dir}/metrics.jsonl", f"{cfg.output_dir}/training_curves.png")
+        keys = ("loss", "rewards/chosen", "rewards/rejected", "kl") if unpaired else \
+            ("loss", "rewards/accuracies", "rewards/margins")
+        plot_metrics(f"{cfg.output_dir}/metrics.jsonl", f"{cfg.output_dir}/training_curves.png", keys)
         log.info("saved the trained model to %s", cfg.output_dir)
     return trained
 

@@ -132,34 +132,50 @@ def lr_lambda(cfg, total_steps: int):
 # --- the loop -----------------------------------------------------------------------------------------
 
 class MetricSums:
-    """Example-weighted running sums of per-example metrics (all-reduced across ranks on read)."""
+    """Example-weighted running sums of per-example metrics (all-reduced across ranks on read).
+
+    A metric is a (B,) tensor averaged over all examples, or a (values, mask) pair averaged over the
+    examples the mask selects (e.g. KTO's rewards of desirable examples only).
+    """
 
     def __init__(self):
-        self.sums, self.count = {}, 0
+        self.sums, self.counts, self.count = {}, {}, 0
 
     def add(self, metrics: dict, n: int):
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float().sum().cpu()
+            values, mask = v if isinstance(v, tuple) else (v, None)
+            values = values.detach().float()
+            if mask is None:
+                total, count = values.sum(), float(n)
+            else:
+                mask = mask.detach().float()
+                total, count = (values * mask).sum(), mask.sum().item()
+            self.sums[k] = self.sums.get(k, 0.0) + total.cpu()
+            self.counts[k] = self.counts.get(k, 0.0) + count
         self.count += n
 
     def merge(self, other: "MetricSums"):
         for k, v in other.sums.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0.0) + other.counts[k]
         self.count += other.count
 
     def state(self) -> dict:
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "count": self.count}
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "counts": self.counts, "count": self.count}
 
     def load(self, state: dict):
         self.sums = {k: torch.tensor(v, dtype=torch.float32) for k, v in state["sums"].items()}
-        self.count = state["count"]
+        self.counts, self.count = dict(state["counts"]), state["count"]
 
     def means(self) -> dict:
         if not self.sums:
             return {}
         keys = sorted(self.sums)
-        t = all_reduce_sum(torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.count))]).cpu())
-        return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
+        t = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32) for k in keys] +
+                        [torch.tensor(float(self.counts[k])) for k in keys])
+        t = all_reduce_sum(t.cpu())
+        n = len(keys)
+        return {k: (t[i] / t[n + i]).item() for i, k in enumerate(keys) if t[n + i] > 0}
 
 
 def to_device(batch: dict, device) -> dict:
