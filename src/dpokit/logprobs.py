@@ -4,9 +4,27 @@ The logits are cast to fp32 before the log-softmax, for the policy and the refer
 a 50k-way log-softmax loses the small differences that the DPO loss is made of. Only the positions
 that predict a response token are sent through the log-softmax (prompt and padding positions are
 dropped first), which also keeps the fp32 copy of the logits small.
+
+`sequence_logps` reads every batch layout of data/batch.py and data/layouts.py (see docs/layouts.md):
+- padded: one forward over (2B, T) with the 2D attention mask; `gather_logps` shifts by one.
+- packed: position ids that restart at each sequence and no attention mask, so transformers builds the
+  block-diagonal causal mask itself (masking_utils.find_packed_sequence_indices).
+- prefix-shared: an explicit 4D mask (layouts.prefix_shared_mask), as bool for sdpa, additive for eager.
+- chunk_size: the lm_head is applied to response positions only, chunk_size of them at a time, by
+  `ChunkedTokenLogps`, whose backward recomputes each chunk's logits: the [tokens x vocab] logits never
+  exist at once, in the forward or the backward. The model's own forward still runs (so DDP and PEFT
+  wrappers see their usual call); a pre-hook on the output embedding takes the hidden states it is
+  given and lets it compute logits for a single position, which checks our head against the model's.
 """
 
+import inspect
+import weakref
+
 import torch
+import torch.nn.functional as F
+
+from dpokit.data.layouts import prefix_shared_mask
+from dpokit.errors import UserError
 
 
 def gather_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
@@ -24,7 +42,230 @@ def gather_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch
     return logps, mask.sum(-1)
 
 
-def sequence_logps(model, batch: dict):
-    """One forward pass over the whole (2B, T) batch -> (logps (2B,), n_response_tokens (2B,))."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return gather_logps(out.logits, batch["input_ids"], batch["loss_mask"])
+def sequence_logps(model, batch: dict, chunk_size: int | None = None):
+    """One forward pass over the batch -> (logps (2B,), n_response_tokens (2B,)): chosen of pairs 0..B-1,
+    then rejected, whatever the layout. chunk_size: compute the lm_head that many positions at a time."""
+    layout = batch.get("layout", "padded")
+    if layout == "padded" and chunk_size is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return gather_logps(out.logits, batch["input_ids"], batch["loss_mask"])
+    positions, targets, sequences = response_targets(batch)                            # each (M,)
+    inputs = model_inputs(model, batch)
+    if chunk_size is None:
+        token_logps = token_logps_from_logits(model, inputs, positions, targets)
+    else:
+        token_logps = chunked_token_logps(model, inputs, positions, targets, chunk_size)
+    n = 2 * batch["num_examples"]
+    logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, sequences, token_logps)
+    return logps, torch.bincount(sequences, minlength=n)
+
+
+# --- what the model is given, and which of its outputs count -------------------------------------------
+
+def response_targets(batch: dict):
+    """(logit_positions, target_ids, target_sequence), each (M,): the flat position into input_ids.view(-1)
+    whose logits predict each response token, the token, and its sequence (0..2B-1)."""
+    if "logit_positions" in batch:
+        return batch["logit_positions"], batch["target_ids"], batch["target_sequence"]
+    ids, mask = batch["input_ids"], batch["loss_mask"].bool()                          # padded: (2B, T)
+    row, col = mask[:, 1:].nonzero(as_tuple=True)          # token col+1 of row is a response token
+    return row * ids.shape[1] + col, ids[row, col + 1], row
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """The forward's keyword arguments for the batch's layout (no attention_mask at all when packed)."""
+    layout = batch.get("layout", "padded")
+    if layout == "padded":
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inner = unwrap(model)
+    check_attention_layers(inner.config, layout, int(batch["position_ids"].max()) + 1)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if layout == "packed":
+        return inputs  # attention_mask=None: transformers derives the packed mask from position_ids
+    allowed = prefix_shared_mask(batch["sequence_ids"], batch["segment_ids"])       # (N, 1, T, T)
+    if inner.config._attn_implementation == "eager":
+        dtype = inner.get_input_embeddings().weight.dtype   # eager adds the mask to the attention scores
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    return {**inputs, "attention_mask": allowed}
+
+
+def check_attention_layers(config, layout: str, longest: int):
+    """Refuse what these layouts would get silently wrong: recurrent or linear-attention layers know
+    nothing of sequence boundaries in a row; an explicit 4D mask is one mask for every layer, so a
+    sliding window is honoured only if no sequence is longer than the window."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    impl = config._attn_implementation
+    if layout.startswith("prefix_shared") and impl not in ("sdpa", "eager"):
+        raise UserError(f"prefix sharing needs attn_implementation sdpa or eager (an explicit 4D mask), "
+                        f"not {impl}")
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    other = kinds - {"full_attention", "sliding_attention"}
+    if other:
+        raise UserError(f"the {layout} layout needs a model made of attention layers only; this one has "
+                        f"{', '.join(sorted(other))} layers: use the padded layout")
+    window = getattr(config, "sliding_window", None)
+    sliding = "sliding_attention" in kinds or (window and getattr(config, "use_sliding_window", True))
+    if layout.startswith("prefix_shared") and sliding and window and longest > window:
+        raise UserError(f"prefix sharing: a sequence of {longest} tokens is longer than the model's sliding "
+                        f"window ({window}); use padding_free or the padded layout")
+
+
+def unwrap(model):
+    """The transformers model inside DDP, torch.compile and PEFT wrappers (its config, head, signature)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def kept_positions(model, positions: torch.Tensor, shape):
+    """(logits_to_keep, rows): the columns the model should compute logits for, (K,), and for each target
+    the row of the flattened (N * K) output that predicts it. All columns when the model can't restrict."""
+    N, T = shape
+    if "logits_to_keep" not in inspect.signature(unwrap(model).forward).parameters:
+        return None, positions
+    columns = torch.unique(positions % T)                                              # (K,) sorted
+    rows = (positions // T) * len(columns) + torch.searchsorted(columns, positions % T)
+    return columns, rows
+
+
+def token_logps_from_logits(model, inputs: dict, positions, targets) -> torch.Tensor:
+    """log pi(target) for each response token, (M,), from the model's own logits at the kept positions."""
+    keep, rows = kept_positions(model, positions, inputs["input_ids"].shape)
+    extra = {} if keep is None else {"logits_to_keep": keep}
+    logits = model(**inputs, use_cache=False, **extra).logits                          # (N, K, V)
+    picked = logits.flatten(0, 1)[rows].float()                                        # (M, V)
+    return picked.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+# --- the chunked lm_head ---------------------------------------------------------------------------------
+
+def output_head(model):
+    """(weight (V, H), bias (V,) or None, scale, softcap) of a standard *ForCausalLM's output layer:
+    logits = softcap * tanh(scale * (h W^T + b) / softcap), the last step only if softcap is set."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        raise UserError(f"chunked log-probs need a *ForCausalLM whose get_output_embeddings() is a plain "
+                        f"nn.Linear; {type(model).__name__} has {type(head).__name__} (a LoRA on lm_head?): "
+                        f"set logprob_chunk_size to null")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = 1.0
+    if getattr(config, "logit_scale", None) is not None:       # Cohere: logits * logit_scale
+        scale *= config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:    # Granite: logits / logits_scaling
+        scale /= config.logits_scaling
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 / 3
+    return head, scale, softcap
+
+
+_CHECKED_HEADS = weakref.WeakSet()  # models whose logits we have once reproduced from their hidden states
+
+
+def chunked_token_logps(model, inputs: dict, positions, targets, chunk_size: int) -> torch.Tensor:
+    """log pi(target) for each response token, (M,), never holding more than chunk_size rows of logits."""
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise UserError(f"logprob_chunk_size must be a positive integer, got {chunk_size!r}")
+    inner = unwrap(model)
+    head, scale, softcap = output_head(inner)
+    keep, rows = kept_positions(model, positions, inputs["input_ids"].shape)
+    extra = {} if keep is None else {"logits_to_keep": keep}
+    seen = []
+
+    def take_hidden_states(module, args):
+        seen.append(args[0])                                   # (N, K, H): what the head would multiply
+        return (args[0].reshape(-1, args[0].shape[-1])[:1],) + args[1:]   # the model's own head: 1 position
+
+    hook = head.register_forward_pre_hook(take_hidden_states)
+    try:
+        out = model(**inputs, use_cache=False, **extra)
+    finally:
+        hook.remove()
+    if len(seen) != 1:
+        raise UserError(f"chunked log-probs: {type(inner).__name__} called its output layer {len(seen)} times "
+                        f"in one forward; set logprob_chunk_size to null")
+    hidden = seen[0].reshape(-1, seen[0].shape[-1])                                    # (N*K, H)
+    if inner not in _CHECKED_HEADS:
+        check_head(inner, hidden[:1], out.logits, head, scale, softcap)
+        _CHECKED_HEADS.add(inner)
+    return ChunkedTokenLogps.apply(hidden[rows], head.weight, head.bias, targets, chunk_size, scale, softcap)
+
+
+@torch.no_grad()
+def check_head(model, hidden, model_logits, head, scale, softcap):
+    """Our logits at one position must be the model's: catches a final transform we don't know of."""
+    ours = head_logits(hidden, head.weight.to(model_logits.dtype),
+                       None if head.bias is None else head.bias.to(model_logits.dtype), scale, softcap)[0]
+    theirs = model_logits.reshape(-1, model_logits.shape[-1])[:1].float()
+    err = (ours - theirs).abs().max().item()
+    if not err <= 1e-2 * theirs.abs().max().item() + 1e-4:
+        raise UserError(f"chunked log-probs: {type(model).__name__}'s logits are not its lm_head applied to "
+                        f"its last hidden states (max difference {err:.3g}); set logprob_chunk_size to null")
+
+
+def head_logits(h, weight, bias, scale: float, softcap):
+    """h (c, H) -> (fp32 logits (c, V), d logits / d(h W^T + b) elementwise (c, V), or None when that is
+    just `scale`)."""
+    z = F.linear(h.to(weight.dtype), weight, bias).float() * scale
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)                      # Gemma 2: softcap * tanh(z / softcap)
+    return softcap * t, scale * (1 - t * t)
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """hidden (M, H), head weight (V, H), bias (V,) or None, targets (M,) -> log softmax(logits)[target],
+    (M,) in fp32.
+
+    Forward and backward both walk the M positions chunk_size at a time and keep nothing of a chunk's
+    (chunk, V) logits once it is done: the backward recomputes them from the saved hidden states, which
+    costs one more lm_head matmul (chunk by chunk) and saves the whole (M, V) logits and their gradient.
+    With l = logits of one position and g the incoming gradient of its log-prob,
+        d log softmax(l)[t] / d l = onehot(t) - softmax(l),
+    chained through the soft-cap and scale, then into h (dl @ W), W (dl^T @ h) and b (sum of dl).
+    The matmuls run in the autocast dtype when autocast is on, in both passes (the backward runs outside
+    the autocast region, so the dtype is recorded); the weight gradient is accumulated in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)      # (M,)
+        c = chunk_size
+        for s in range(0, hidden.shape[0], c):
+            logits, _ = head_logits(hidden[s: s + c], w, b, scale, softcap)                 # (c, V) fp32
+            out[s: s + c] = logits.gather(-1, targets[s: s + c, None]).squeeze(-1) - logits.logsumexp(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size, ctx.scale, ctx.softcap, ctx.dtype = chunk_size, scale, softcap, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):                                                           # (M,)
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w, b = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        c = ctx.chunk_size
+        for s in range(0, hidden.shape[0], c):
+            h, t, g = hidden[s: s + c], targets[s: s + c], grad_out[s: s + c, None].float()  # (c, H) (c,) (c, 1)
+            logits, dlogits_draw = head_logits(h, w, b, ctx.scale, ctx.softcap)                # (c, V)
+            dlogits = logits.softmax(-1).mul_(-g).scatter_add_(-1, t[:, None], g)  # g (onehot(t) - softmax)
+            draw = dlogits.mul_(ctx.scale if dlogits_draw is None else dlogits_draw)  # w.r.t. h W^T + b, fp32
+            if need_b:
+                grad_b += draw.sum(0)
+            draw = draw.to(ctx.dtype)
+            if need_h:
+                grad_h[s: s + c] = draw @ w                                   # (c, H)
+            if need_w:
+                grad_w += (draw.T @ h.to(ctx.dtype)).float()                               # (V, H)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
