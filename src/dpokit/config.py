@@ -63,6 +63,20 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 disables clipping)")
     precision: str = opt("fp32", "fp32, or bf16 autocast with fp32 master weights", ["fp32", "bf16"])
     disable_dropout: bool = opt(True, "turn off dropout in the policy (and reference) so log-probs are deterministic")
+    padding_free: bool = opt(False, "pack the batch's sequences into one row (no padding computed), attention "
+                             "kept within each sequence")
+    prefix_sharing: bool = opt(False, "one [prompt | chosen | rejected] sequence per pair: the prompt is computed "
+                               "once (needs attn_implementation sdpa or eager)")
+    logprob_chunk_size: typing.Optional[int] = opt(None, "compute response-token log-probs in chunks of this many "
+                                                   "tokens (the full tokens x vocabulary logits never exist)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, ~30% more "
+                                       "compute (off by default: turn on when memory runs out)")
+    use_lora: bool = opt(False, "train LoRA adapters (peft) instead of all weights; merged into a plain model on save")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: float = opt(32.0, "LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input")
+    lora_target_modules: typing.List[str] = opt(["all-linear"], "modules that get adapters: names such as "
+                                                "q_proj,v_proj, or all-linear")
     seed: int = opt(42, "seed for model init, data order and sampling; the same seed repeats the run")
     # --- logging, evaluation, saving
     logging_steps: int = opt(10, "log metrics every this many optimizer steps")
@@ -97,7 +111,11 @@ class DPOConfig(TrainConfig):
     undesirable_weight: float = opt(1.0, "KTO weight lambda_U of undesirable examples")
     ref_sync_steps: int = opt(0, "TR-DPO: every this many steps pi_ref <- alpha pi + (1 - alpha) pi_ref (0: off)")
     ref_sync_alpha: float = opt(0.6, "TR-DPO mixing weight alpha (1: copy the policy)")
-    ref_model: typing.Optional[str] = opt(None, "reference model pi_ref (default: a frozen copy of `model`)")
+    ref_model: typing.Optional[str] = opt(None, "reference model pi_ref (default: a frozen copy of `model`; with "
+                                          "use_lora, the base model with adapters disabled)")
+    precompute_ref_log_probs: bool = opt(False, "one pass of the reference over the data before training, cached "
+                                         "on disk under a fingerprint of weights, tokenizer, data and settings and "
+                                         "reused by later runs; no reference model in memory while training")
 
 
 @dataclass
@@ -229,7 +247,8 @@ def load_config(cls, config_file=None, overrides=()):
 def validate(cfg):
     """Range checks that types alone cannot express."""
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "num_samples", "max_new_tokens", "max_nonfinite_steps", "save_total_limit"]
+                "logging_steps", "num_samples", "max_new_tokens", "max_nonfinite_steps", "save_total_limit",
+                "logprob_chunk_size", "lora_r"]
     for name in positive:
         if getattr(cfg, name, None) is not None and getattr(cfg, name) < 1:
             raise UserError(f"key '{name}': must be at least 1, got {getattr(cfg, name)}")
@@ -254,6 +273,10 @@ def validate(cfg):
         raise UserError("key 'loss_type': kto trains on unpaired data and cannot be combined with other losses")
     if hasattr(cfg, "ref_sync_alpha") and not 0 < cfg.ref_sync_alpha <= 1:
         raise UserError(f"key 'ref_sync_alpha': must be in (0, 1], got {cfg.ref_sync_alpha}")
+    if getattr(cfg, "precompute_ref_log_probs", False) and cfg.ref_sync_steps:
+        raise UserError("key 'precompute_ref_log_probs': cannot be combined with ref_sync_steps (TR-DPO moves the reference)")
+    if getattr(cfg, "use_lora", False) and cfg.ref_model and cfg.ref_sync_steps:
+        raise UserError("key 'ref_sync_steps': TR-DPO needs a separate reference model, not use_lora's base model")
     if hasattr(cfg, "num_train_epochs") and getattr(cfg, "max_steps", 0) <= 0 and not cfg.num_train_epochs > 0:
         raise UserError("key 'num_train_epochs': must be positive when max_steps is -1")
     if getattr(cfg, "dataset", "x") is None:

@@ -130,8 +130,31 @@ def disable_dropout(model):
             m.p = 0.0
 
 
-def save_model(model, tokenizer, out_dir: Path):
-    """save_pretrained with safetensors; the result loads with AutoModelForCausalLM.from_pretrained."""
+def add_lora(model, cfg):
+    """Wrap the policy with trainable LoRA adapters (peft); the frozen base doubles as pi_ref."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules="all-linear" if targets == ["all-linear"] else targets)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # e.g. a target module name the model does not have
+        raise UserError(f"key 'lora_target_modules': {str(e).splitlines()[0]}") from None
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_model(model, tokenizer, out_dir: Path, merge_lora: bool = False):
+    """save_pretrained with safetensors; the result loads with AutoModelForCausalLM.from_pretrained.
+
+    A LoRA model is saved as its adapter (checkpoints, to resume from), or with merge_lora merged into
+    a plain model (the final output, which needs no peft to load); the merged model is returned."""
     model = getattr(model, "module", model)  # unwrap DDP
+    if merge_lora and is_peft(model):
+        model = model.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    return model

@@ -140,13 +140,6 @@ def collate_prefix_shared(pairs: list, pad_id: int, packed: bool = False) -> dic
                     layout="prefix_shared_packed" if packed else "prefix_shared", num_examples=len(pairs))
 
 
-def collate_padded_counted(pairs: list, pad_id: int) -> dict:
-    """batch.py's padded layout, plus num_tokens like the other layouts."""
-    batch = collate_padded(pairs, pad_id)
-    batch["num_tokens"] = int(batch["attention_mask"].sum())
-    return batch
-
-
 def layout_name(padding_free: bool = False, prefix_sharing: bool = False) -> str:
     """The config switches -> a layout name."""
     if prefix_sharing:
@@ -157,7 +150,7 @@ def layout_name(padding_free: bool = False, prefix_sharing: bool = False) -> str
 def collate_for(layout: str, pad_id: int):
     """A collate function pairs -> batch for `layout` (one of LAYOUTS); picklable, for DataLoader workers."""
     if layout == "padded":
-        return partial(collate_padded_counted, pad_id=pad_id)
+        return partial(collate_padded, pad_id=pad_id)
     if layout == "packed":
         return partial(collate_packed, pad_id=pad_id)
     if layout in ("prefix_shared", "prefix_shared_packed"):

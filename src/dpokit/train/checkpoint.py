@@ -135,6 +135,13 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if (path / "adapter_model.safetensors").is_file():  # a LoRA run: only the adapters are trained
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise UserError(f"{path}: adapter does not match the model (unexpected {result.unexpected_keys[:3]})")
+        return _load_rest(path, optimizer)
     weights = {}
     for f in sorted(path.glob("model*.safetensors")):  # model.safetensors or its shards, nothing else
         weights.update(load_file(f))
@@ -147,6 +154,10 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
                         f"unexpected {unexpected[:3]})")
     if missing and hasattr(model, "tie_weights"):
         model.tie_weights()
+    return _load_rest(path, optimizer)
+
+
+def _load_rest(path, optimizer) -> dict:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     state = json.loads((path / STATE).read_text())
     set_rng_state(state["rng"], torch.load(path / "rng_state.pt", weights_only=True))

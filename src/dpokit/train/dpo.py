@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.data.batch import collate_padded
+from dpokit.data.layouts import collate_for, layout_name
 from dpokit.data.load import FILE_SUFFIXES, MissingSplit, load_pairs
 from dpokit.data.tokenize import tokenize_dataset
 from dpokit.errors import UserError
 from dpokit.logprobs import sequence_logps
 from dpokit.losses import RewardMean, combined_loss, requirements, soft_update_reference
 from dpokit.report import log, plot_metrics
-from dpokit.train import kto, loop
+from dpokit.train import kto, loop, refcache
 
 
 class DPOStep:
@@ -23,8 +23,10 @@ class DPOStep:
     together, the reference's log-probs under no_grad (or cached in the batch; none at all for
     reference-free losses), then the configured loss (or weighted sum of losses) of losses.py."""
 
-    def __init__(self, reference, cfg):
-        self.reference = reference
+    def __init__(self, reference, cfg, lora_reference: bool = False):
+        self.reference = reference          # a frozen model, or None (cached log-probs / LoRA base / none needed)
+        self.lora_reference = lora_reference  # pi_ref = the policy's base model with its adapters disabled
+        self.chunk_size = cfg.logprob_chunk_size
         self.loss_types, self.loss_weights = list(cfg.loss_type), cfg.loss_weights
         self.needs_reference, self.needs_lengths = requirements(self.loss_types, cfg.reference_free,
                                                                 cfg.ipo_length_normalize)
@@ -36,18 +38,22 @@ class DPOStep:
         self.bco_mean = RewardMean() if "bco_pair" in self.loss_types else None
         self.ref_sync_steps, self.ref_sync_alpha = cfg.ref_sync_steps, cfg.ref_sync_alpha
 
-    def reference_logps(self, batch):
+    def reference_logps(self, policy, batch):
         if not self.needs_reference:
             return None
         if "reference_logps" in batch:
             return batch["reference_logps"].to(batch["input_ids"].device)
         with torch.no_grad():
-            return sequence_logps(self.reference, batch)[0]
+            if self.lora_reference:
+                peft_model = getattr(policy, "module", policy)
+                with peft_model.disable_adapter():
+                    return sequence_logps(peft_model, batch, chunk_size=self.chunk_size)[0]
+            return sequence_logps(self.reference, batch, chunk_size=self.chunk_size)[0]
 
     def __call__(self, policy, batch):
         B = batch["num_examples"]
-        logps, n_tokens = sequence_logps(policy, batch)              # (2B,), (2B,)
-        ref = self.reference_logps(batch)                            # (2B,) or None
+        logps, n_tokens = sequence_logps(policy, batch, chunk_size=self.chunk_size)  # (2B,), (2B,)
+        ref = self.reference_logps(policy, batch)                    # (2B,) or None
         kwargs = dict(self.hyper)
         if self.needs_lengths:
             kwargs.update(chosen_lengths=n_tokens[:B].float(), rejected_lengths=n_tokens[B:].float())
@@ -100,25 +106,13 @@ class DPOStep:
             load_model(self.reference, str(Path(directory) / "reference.safetensors"))
 
 
-def collate_with_reference(pairs, pad_id):
-    batch = collate_padded(pairs, pad_id)
+def collate_with_reference(pairs, collate):
+    """The layout's batch, plus the pairs' cached reference log-probs when every pair has them."""
+    batch = collate(pairs)
     if all(getattr(p, "reference_logps", None) is not None for p in pairs):
         batch["reference_logps"] = torch.tensor([p.reference_logps[0] for p in pairs] +
                                                 [p.reference_logps[1] for p in pairs])
     return batch
-
-
-@torch.no_grad()
-def cache_reference_logps(reference, examples, pad_id, batch_size, device, precision):
-    """The reference never changes: compute its log-probs on held-out pairs once, not at every evaluation."""
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
-        batch = loop.to_device(collate_padded(chunk, pad_id), device)
-        with loop.autocast(device, precision):
-            logps = sequence_logps(reference, batch)[0].cpu()
-        B = len(chunk)
-        for j, p in enumerate(chunk):
-            p.reference_logps = (logps[j].item(), logps[B + j].item())
 
 
 def load_split(cfg, tokenizer, source, split):
@@ -158,22 +152,40 @@ def run(cfg):
     if cfg.disable_dropout:
         models.disable_dropout(policy)
     unpaired = cfg.loss_type == ["kto"]
+    if unpaired and cfg.precompute_ref_log_probs:
+        raise UserError("key 'precompute_ref_log_probs': not supported with kto (its KL pairs depend on the batch)")
     needs_reference = unpaired or requirements(cfg.loss_type, cfg.reference_free, cfg.ipo_length_normalize)[0]
-    reference = None
-    if needs_reference:  # reference-free losses (simpo, orpo, sft, reference_free) load no reference at all
-        reference = models.load_model(cfg.ref_model, cfg.trust_remote_code) if cfg.ref_model \
-            else copy.deepcopy(policy)
-        models.disable_dropout(reference)
-        reference.requires_grad_(False).eval().to(ranks.device)
     pad_id = tokenizer.pad_token_id
-    if eval_examples and needs_reference and not cfg.ref_sync_steps and not unpaired:
-        # a fixed reference: its held-out log-probs once, not at every evaluation
-        cache_reference_logps(reference, eval_examples, pad_id, cfg.per_device_eval_batch_size,
-                              ranks.device, cfg.precision)
+    reference, lora_reference = None, False
+    if needs_reference:  # reference-free losses (simpo, orpo, sft, reference_free) load no reference at all
+        # before any adapter exists, the policy itself is pi_ref unless another model is named
+        reference = models.load_model(cfg.ref_model, cfg.trust_remote_code) if cfg.ref_model else policy
+        models.disable_dropout(reference)
+        reference.to(ranks.device)
+        fixed = not cfg.ref_sync_steps and not unpaired
+        if fixed:  # held-out reference log-probs once, not at every evaluation
+            refcache.attach_reference_logps(reference, eval_examples, cfg, pad_id, ranks.device, use_disk_cache=False)
+        if cfg.precompute_ref_log_probs:
+            refcache.attach_reference_logps(reference, train_examples, cfg, pad_id, ranks.device, use_disk_cache=True)
+            reference = None  # nothing of the reference stays in memory while training
+        elif cfg.use_lora and not cfg.ref_model:
+            reference, lora_reference = None, True  # no second copy: the base with adapters disabled
+        elif reference is policy:
+            reference = copy.deepcopy(policy)
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+    if cfg.use_lora:
+        policy = models.add_lora(policy, cfg)
+    if cfg.gradient_checkpointing:
+        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.use_lora:
+            policy.enable_input_require_grads()
+    layout = partial(collate_with_reference, collate=collate_for(layout_name(cfg.padding_free, cfg.prefix_sharing), pad_id))
     if unpaired:
         step, collate = kto.KTOStep(reference, cfg), partial(kto.collate_kto, pad_id=pad_id)
     else:
-        step, collate = DPOStep(reference, cfg), partial(collate_with_reference, pad_id=pad_id)
+        step, collate = DPOStep(reference, cfg, lora_reference), layout
     save = partial(_save, tokenizer=tokenizer)
     trained = loop.train(cfg, policy, tokenizer, step, train_examples, eval_examples, collate, ranks, save_fn=save)
     if ranks.main:
@@ -184,5 +196,5 @@ def run(cfg):
     return trained
 
 
-def _save(model, out_dir, tokenizer):
-    models.save_model(model, tokenizer, out_dir)
+def _save(model, out_dir, tokenizer, final=False):
+    return models.save_model(model, tokenizer, out_dir, merge_lora=final)

@@ -193,7 +193,7 @@ def forward_backward(model, step, micro_batches: list, ranks: Dist, precision: s
     tokens = 0
     for i, batch in enumerate(micro_batches):
         batch = to_device(batch, ranks.device)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(batch["num_tokens"])
         sync = ranks.world == 1 or i == len(micro_batches) - 1
         with (contextlib.nullcontext() if sync else model.no_sync()), autocast(ranks.device, precision):
             losses, metrics = step(model, batch)
@@ -393,7 +393,7 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
     save_checkpoint(total)
     reporter.close()
     if ranks.main and save_fn:
-        save_fn(raw_model, out)
+        raw_model = save_fn(raw_model, out, final=True) or raw_model  # (a LoRA model comes back merged)
     return raw_model
 
 

@@ -1,0 +1,102 @@
+"""The fast paths through the real DPO job: every layout, chunked log-probs and gradient checkpointing
+give the padded run's numbers; cached reference log-probs are reused across runs; LoRA trains adapters
+against its own base and saves a plain merged model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dpokit import models
+from dpokit.config import DPOConfig
+from dpokit.train import dpo
+
+
+def run_dpo(tiny_model_dir, pref_dir, out, **kw):
+    cfg = DPOConfig(model=str(tiny_model_dir), dataset=str(pref_dir), output_dir=str(out),
+                    per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, progress_bar=False,
+                    max_eval_examples=4, optimizer="rmsprop", **{"max_steps": 3, **kw})
+    return dpo.run(cfg)
+
+
+def train_rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+@pytest.fixture(scope="module")
+def padded_run(tiny_model_dir, tmp_path_factory):
+    from conftest import conversational_rows, write_jsonl
+
+    d = tmp_path_factory.mktemp("prefs")
+    write_jsonl(d / "train.jsonl", conversational_rows(16))
+    write_jsonl(d / "test.jsonl", conversational_rows(8))
+    out = tmp_path_factory.mktemp("padded") / "run"
+    run_dpo(tiny_model_dir, d, out)
+    return d, out
+
+
+@pytest.mark.parametrize("switches", [
+    {"padding_free": True}, {"prefix_sharing": True}, {"padding_free": True, "prefix_sharing": True},
+    {"logprob_chunk_size": 7}, {"padding_free": True, "logprob_chunk_size": 5}, {"gradient_checkpointing": True},
+    {"precompute_ref_log_probs": True},
+], ids=lambda s: "+".join(s))
+def test_fast_path_matches_padded_run(padded_run, tiny_model_dir, tmp_path, switches, monkeypatch):
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    data, padded = padded_run
+    run_dpo(tiny_model_dir, data, tmp_path / "o", **switches)
+    for a, b in zip(train_rows(tmp_path / "o"), train_rows(padded)):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_precomputed_reference_is_cached_across_a_beta_sweep(padded_run, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    data, _ = padded_run
+    references = []
+    real_step = dpo.DPOStep
+    monkeypatch.setattr(dpo, "DPOStep", lambda ref, *a: references.append(ref) or real_step(ref, *a))
+    run_dpo(tiny_model_dir, data, tmp_path / "b1", precompute_ref_log_probs=True, beta=0.1)
+    files = list((tmp_path / "cache" / "ref_logps").iterdir())
+    assert len(files) == 1 and references == [None]  # no reference model in memory while training
+    stamp = files[0].stat().st_mtime_ns
+    calls = []
+    real_compute = dpo.refcache.compute_reference_logps
+    monkeypatch.setattr(dpo.refcache, "compute_reference_logps", lambda *a, **k: calls.append(1) or real_compute(*a, **k))
+    run_dpo(tiny_model_dir, data, tmp_path / "b2", precompute_ref_log_probs=True, beta=0.5)
+    assert calls == [1]  # held-out pairs only; the training pairs came from the cache
+    assert list((tmp_path / "cache" / "ref_logps").iterdir()) == files and files[0].stat().st_mtime_ns == stamp
+    run_dpo(tiny_model_dir, data, tmp_path / "b3", precompute_ref_log_probs=True, max_length=40)
+    assert len(list((tmp_path / "cache" / "ref_logps").iterdir())) == 2  # other tokenization: another key
+
+
+def test_lora_trains_against_its_base_and_saves_a_merged_model(padded_run, tiny_model_dir, tmp_path):
+    data, _ = padded_run
+    out = tmp_path / "lora"
+    run_dpo(tiny_model_dir, data, out, use_lora=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
+            save_steps=2)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["eval/rewards/margins"] == 0.0  # pi_ref is the base: identical before training
+    assert rows[-1]["eval/loss"] < rows[0]["eval/loss"]
+    assert not (out / "adapter_config.json").exists()  # a plain model: loads without peft
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed and all("q_proj" in n or "v_proj" in n for n in changed)
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    # resume from the adapter checkpoint: the same merged model
+    shutil.copytree(out / "checkpoint-2", tmp_path / "ckpt")
+    run_dpo(tiny_model_dir, data, tmp_path / "resumed", use_lora=True, lora_r=4,
+            lora_target_modules=["q_proj", "v_proj"], save_steps=2, resume=str(tmp_path / "ckpt"))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed")
+    assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in merged.named_parameters())
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(tiny_model_dir):
+    from dpokit.config import load_config
+
+    cfg = load_config(DPOConfig, None, ["dataset=x", "use_lora=true", "lora_r=2"])
+    policy = models.add_lora(models.load_model(str(tiny_model_dir)), cfg)
+    assert sum(p.numel() for p in policy.parameters() if p.requires_grad) < \
+        sum(p.numel() for p in policy.parameters()) / 10
