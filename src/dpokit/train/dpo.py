@@ -177,8 +177,10 @@ def run(cfg):
     if cfg.use_lora:
         policy = models.add_lora(policy, cfg)
     if cfg.gradient_checkpointing:
-        enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.use_lora:
             policy.enable_input_require_grads()
     layout = partial(collate_with_reference, collate=collate_for(layout_name(cfg.padding_free, cfg.prefix_sharing), pad_id))
