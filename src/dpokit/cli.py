@@ -19,6 +19,16 @@ COMMANDS = {
     "eval": ("dpokit.config:EvalConfig", "dpokit.evaluate", "a trained policy against its reference on held-out data"),
     "verify": ("dpokit.verify:VerifyConfig", "dpokit.verify", "the losses recover DPO's closed-form optimum on an "
                "enumerable toy"),
+    # the classic RLHF pipeline that DPO replaces (docs/pipeline.md)
+    "sft": ("dpokit.train.sft:SFTConfig", "dpokit.train.sft", "supervised fine-tuning on demonstrations (the "
+            "pi_SFT / pi_ref of DPO and RLHF)"),
+    "rm": ("dpokit.train.reward:RewardConfig", "dpokit.train.reward", "train a Bradley-Terry reward model on "
+           "preference pairs"),
+    "generate": ("dpokit.generate:GenerateConfig", "dpokit.generate", "sample responses to prompts (JSONL)"),
+    "pairs": ("dpokit.pairs:PairsConfig", "dpokit.pairs", "label sampled responses with a reward into "
+              "preference pairs"),
+    "rl": ("dpokit.train.rl:RLConfig", "dpokit.train.rl", "RLHF: PPO or RLOO against a reward model, with a "
+           "KL penalty to the reference"),
 }
 
 

@@ -110,14 +110,17 @@ def run(cfg) -> dict:
         reward_fn = get_reward_fn(cfg.reward)
         prompts = list({tuple(e.prompt_ids): e.prompt_ids for e in examples}.values())[: cfg.num_samples]
         prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        sampled_rewards = {}
         for name, model in (("reference", reference), ("policy", policy)):
             texts, ids = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
-            rewards = reward_fn(prompt_texts, texts)
+            rewards = sampled_rewards[name] = reward_fn(prompt_texts, texts)
             m, se = mean_se(rewards)
             kl, kl_se = mean_se(sampled_kl(model, reference, prompts, ids, pad))
             results[name].update({"reward": m, "reward_se": se, "kl": kl, "kl_se": kl_se,
                                   "samples": [{"prompt": p, "response": t, "reward": r}
                                               for p, t, r in list(zip(prompt_texts, texts, rewards))[:8]]})
+        results["policy"]["win_rate"], results["policy"]["win_rate_se"] = win_rate(sampled_rewards["policy"],
+                                                                                 sampled_rewards["reference"])
         results["reward_fn"] = cfg.reward
         results["num_samples"] = len(prompts)
     out = Path(cfg.output_file) if cfg.output_file else Path(cfg.model) / "eval.json"
@@ -146,3 +149,11 @@ def table(results) -> str:
             cells.append(f"{v:>22}")
         lines.append(f"{name:<10}" + "".join(cells))
     return "\n".join(lines)
+
+
+def win_rate(rewards, baseline_rewards) -> tuple[float, float]:
+    """How often a response beats the baseline's response to the same prompt under the reward (a tie counts
+    half), with its standard error: the DPO paper's win rate against a baseline, judged by a reward
+    function (or `rm:PATH`) instead of GPT-4 or people."""
+    outcomes = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, baseline_rewards)]
+    return mean_se(outcomes)

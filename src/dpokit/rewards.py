@@ -29,6 +29,8 @@ BUILTIN = {"vader": vader}
 
 
 def get_reward_fn(name: str) -> RewardFn:
+    if name.startswith("rm:"):  # a reward model trained by `dpokit rm` (dpokit/reward_model.py)
+        return importlib.import_module("dpokit.reward_model").RewardModelFn(name[3:])
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
