@@ -29,7 +29,7 @@ def test_each_loss_trains(tiny_model_dir, pref_dir, tmp_path, monkeypatch, loss_
     loaded, references = [], []
     real_load, real_step = models.load_model, dpo.DPOStep
     monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(a[0]) or real_load(*a, **k))
-    monkeypatch.setattr(dpo, "DPOStep", lambda ref, cfg: references.append(ref) or real_step(ref, cfg))
+    monkeypatch.setattr(dpo, "DPOStep", lambda ref, *a: references.append(ref) or real_step(ref, *a))
     kw = {"label_smoothing": 0.1} if loss_type == ["robust"] else {}
     run_dpo(tiny_model_dir, pref_dir, tmp_path / "o", loss_type=loss_type, **kw)
     import json
@@ -43,7 +43,7 @@ def test_each_loss_trains(tiny_model_dir, pref_dir, tmp_path, monkeypatch, loss_
 
 def test_reference_free_flag_skips_the_reference(tiny_model_dir, pref_dir, tmp_path, monkeypatch):
     references, real_step = [], dpo.DPOStep
-    monkeypatch.setattr(dpo, "DPOStep", lambda ref, cfg: references.append(ref) or real_step(ref, cfg))
+    monkeypatch.setattr(dpo, "DPOStep", lambda ref, *a: references.append(ref) or real_step(ref, *a))
     run_dpo(tiny_model_dir, pref_dir, tmp_path / "o", reference_free=True)
     assert references == [None]
 

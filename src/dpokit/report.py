@@ -87,7 +87,8 @@ def plot_metrics(metrics_path, out_png, keys=("loss", "rewards/accuracies", "rew
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    axes = axes[0]
     for ax, key in zip(axes, keys):
         train = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
         evals = [(r["step"], r["eval/" + key]) for r in rows if "eval/" + key in r]

@@ -50,7 +50,8 @@ def setup_distributed() -> Dist:
     """Single process by default; under `torchrun` (WORLD_SIZE > 1) one process per device, DDP."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # metrics are reduced as CPU tensors: gloo for those, nccl for the gradients on GPUs
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -376,7 +377,8 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
                        "learning_rate": lr, "tokens_per_second": tokens_all / elapsed,
                        "peak_memory_mb": peak_memory_mb(ranks.device)}
                 reporter.log(row)
-                reporter.step(0, loss=row["loss"], acc=row.get("rewards/accuracies", float("nan")))
+                shown = {k: row[k] for k in ("loss", "rewards/accuracies", "accuracy", "reward") if k in row}
+                reporter.step(0, **{k.split("/")[-1]: v for k, v in shown.items()})
                 window, window_tokens, window_t0, grad_norms = MetricSums(), 0, time.perf_counter(), []
             reporter.step(1)
             t0 = time.perf_counter()
