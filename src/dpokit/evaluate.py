@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.data.batch import collate_padded, pad_right
+from dpokit.data.batch import collate_padded
 from dpokit.data.load import load_pairs
-from dpokit.data.tokenize import TokenizedPair, tokenize_dataset
+from dpokit.data.tokenize import TokenizedPair, explicit_prompt, tokenize_dataset
 from dpokit.logprobs import sequence_logps
 from dpokit.report import log
 from dpokit.rewards import get_reward_fn
@@ -66,7 +66,7 @@ def sample(model, tokenizer, prompts: list, max_new_tokens, temperature, top_p, 
         attention = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in chunk])
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                              do_sample=temperature > 0, temperature=temperature or None,
-                             top_p=top_p if temperature > 0 else None, pad_token_id=pad,
+                             top_p=top_p if temperature > 0 else None, top_k=0, pad_token_id=pad,
                              eos_token_id=tokenizer.eos_token_id)
         for row in out[:, T:].tolist():
             if tokenizer.eos_token_id in row:
@@ -108,11 +108,16 @@ def run(cfg) -> dict:
                "policy": {"model": cfg.model, **implicit_reward_metrics(cfg.beta, pol_logps, ref_logps)}}
     if cfg.reward:
         reward_fn = get_reward_fn(cfg.reward)
-        prompts = list({tuple(e.prompt_ids): e.prompt_ids for e in examples}.values())[: cfg.num_samples]
-        prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        # the rows' own prompts (strings or messages), as a reward model expects them, one per distinct prompt
+        original = {row: explicit_prompt(ex)["prompt"] for row, ex in rows}
+        unique = {tuple(e.prompt_ids): e for e in examples}
+        prompts = [e.prompt_ids for e in unique.values()][: cfg.num_samples]
+        prompt_texts = [original[e.row] for e in unique.values()][: cfg.num_samples]
         sampled_rewards = {}
         for name, model in (("reference", reference), ("policy", policy)):
-            texts, ids = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+            with autocast(torch.device("cpu"), cfg.precision):
+                texts, ids = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                    cfg.seed)
             rewards = sampled_rewards[name] = reward_fn(prompt_texts, texts)
             m, se = mean_se(rewards)
             kl, kl_se = mean_se(sampled_kl(model, reference, prompts, ids, pad))

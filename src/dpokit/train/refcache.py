@@ -4,7 +4,7 @@ data too, cached on disk so that later runs (a sweep over beta, a resumed run) p
 
 The disk cache is keyed by a fingerprint of everything the numbers depend on: the reference weights
 (every tensor's bytes), the token ids of every pair (which capture the data, the tokenizer, its chat
-template and the truncation settings) and the precision. A changed input is a new key, never a stale
+template and the truncation settings), the precision and the batch layout. A changed input is a new key, never a stale
 hit.
 """
 
@@ -15,33 +15,36 @@ from pathlib import Path
 
 import torch
 
-from dpokit.data.batch import collate_padded
+from dpokit.data.layouts import collate_for, layout_name
 from dpokit.logprobs import sequence_logps
 from dpokit.models import cache_dir
 from dpokit.report import log
 from dpokit.train import loop
 
 
-def fingerprint(model, examples, precision: str) -> str:
+def fingerprint(model, examples, settings: str) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     for p in examples:
         h.update(repr((p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
-    h.update(precision.encode())
+    h.update(settings.encode())  # precision and layout: both change the rounding of the numbers
     return h.hexdigest()[:32]
 
 
 @torch.no_grad()
-def compute_reference_logps(reference, examples, pad_id, batch_size, device, precision, chunk_size=None):
-    """(chosen (N,), rejected (N,)) log-probs of the reference on every pair, in the padded layout."""
+def compute_reference_logps(reference, examples, pad_id, batch_size, device, precision, chunk_size=None,
+                            layout="padded"):
+    """(chosen (N,), rejected (N,)) log-probs of the reference on every pair, in the training layout (in
+    bf16 layouts differ in rounding; the same layout makes pi = pi_ref give exactly zero rewards)."""
+    collate = collate_for(layout, pad_id)
     was_training = reference.training
     reference.eval()
     chosen, rejected = [], []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
-        batch = loop.to_device(collate_padded(chunk, pad_id), device)
+        batch = loop.to_device(collate(chunk), device)
         with loop.autocast(device, precision):
             logps = sequence_logps(reference, batch, chunk_size=chunk_size)[0].float().cpu()
         chosen.append(logps[: len(chunk)])
@@ -60,8 +63,10 @@ def attach_reference_logps(reference, examples, cfg, pad_id, device, use_disk_ca
     if not examples:
         return
     path = None
+    layout = layout_name(cfg.padding_free, cfg.prefix_sharing)
+    settings = f"{cfg.precision}|{layout}|{cfg.logprob_chunk_size}"
     if use_disk_cache:
-        path = cache_dir() / "ref_logps" / f"{fingerprint(reference, examples, cfg.precision)}.safetensors"
+        path = cache_dir() / "ref_logps" / f"{fingerprint(reference, examples, settings)}.safetensors"
         if path.is_file():
             from safetensors.torch import load_file
 
@@ -70,7 +75,8 @@ def attach_reference_logps(reference, examples, cfg, pad_id, device, use_disk_ca
             log.info("reference log-probs of %d pairs from the cache (%s)", len(examples), path.name)
             return
     chosen, rejected = compute_reference_logps(reference, examples, pad_id, cfg.per_device_eval_batch_size,
-                                               device, cfg.precision, cfg.logprob_chunk_size)
+                                               device, cfg.precision, cfg.logprob_chunk_size,
+                                               layout)
     attach(examples, chosen, rejected)
     if path is not None:
         from safetensors.torch import save_file
