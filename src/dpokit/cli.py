@@ -29,6 +29,8 @@ COMMANDS = {
               "preference pairs"),
     "rl": ("dpokit.train.rl:RLConfig", "dpokit.train.rl", "RLHF: PPO or RLOO against a reward model, with a "
            "KL penalty to the reference"),
+    "frontier": ("dpokit.frontier:FrontierConfig", "dpokit.frontier", "reward-versus-KL scatter (PNG + table) "
+                 "of `dpokit eval` results, one colour per method"),
 }
 
 

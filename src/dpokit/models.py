@@ -115,13 +115,34 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 def load_model(name: str, trust_remote_code: bool = False, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     src = resolve(name)
+    verbosity = hf_logging.get_verbosity()
+    if _has_value_head(src):  # a `dpokit rl` checkpoint: its PPO value head is no part of the policy
+        log.info("%s: leaving out the PPO value head kept in this checkpoint", src)
+        hf_logging.set_verbosity_error()  # (transformers would report the head's weights as unexpected)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise UserError(f"{name}: cannot load model ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     _drop_quantization(model)
     return model
+
+
+def _has_value_head(src) -> bool:
+    """Whether a model directory is a `dpokit rl` PPO checkpoint, whose weights include `value_head.*`."""
+    if not isinstance(src, Path) or not (src / "trainer_state.json").is_file():
+        return False
+    from safetensors import safe_open
+
+    for f in src.glob("model*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            if any(k.startswith("value_head.") for k in fh.keys()):
+                return True
+    return False
 
 
 def disable_dropout(model):
