@@ -38,7 +38,7 @@ CONFIGS = Path(os.path.relpath(HERE / "configs"))  # relative to the working dir
 SCALES = {
     # seconds on a tiny model: what the tests run
     "smoke": {"dpo": ["max_steps=2", "save_steps=1", "per_device_train_batch_size=2", "warmup_steps=0"],
-              "ppo": ["max_steps=2", "save_steps=1", "per_device_train_batch_size=2", "num_samples_per_prompt=2",
+              "ppo": ["max_steps=1", "save_steps=0", "per_device_train_batch_size=2", "num_samples_per_prompt=2",
                       "max_new_tokens=6", "warmup_steps=0"],
               "eval": ["num_samples=4", "max_eval_examples=4", "max_new_tokens=6"],
               "betas": [0.1], "kl_coefs": [0.05]},
