@@ -124,6 +124,21 @@ def checkpoints(run_dir: Path) -> list:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def prune(run_dir: Path):
+    """Drop the optimizer state (and PPO's rollouts) of every checkpoint but the newest: evaluation needs only
+    the weights, and at 2x the weights' size the optimizer states would fill the disk (20 checkpoints of the
+    135M model: ~20 GB). The newest stays complete, so the run can still be resumed or extended."""
+    freed = 0
+    for ckpt in checkpoints(run_dir)[:-1]:
+        for name in ("optimizer.pt", "rollouts.pt"):
+            f = ckpt / name
+            if f.is_file():
+                freed += f.stat().st_size
+                f.unlink()
+    if freed:
+        print(f"[{run_dir.name}] removed the optimizer states of older checkpoints ({freed / 2**30:.1f} GiB)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     scale = SCALES[args.scale]
@@ -143,12 +158,14 @@ def main(argv=None):
             run_dir = out / f"dpo-beta{beta:g}"
             stages.run(f"dpo beta={beta:g}", "DPO training", ["dpo", "--config", str(CONFIGS / "dpo.yaml"), *common,
                        f"beta={beta:g}", f"output_dir={run_dir}", *scale["dpo"]], fresh=run_dir)
+            prune(run_dir)
             runs.append((run_dir, [f"beta={beta:g}"]))  # eval's implicit reward uses the run's beta
     if "ppo" not in args.skip:
         for kl in kl_coefs:
             run_dir = out / f"ppo-kl{kl:g}"
             stages.run(f"ppo kl_coef={kl:g}", "PPO training", ["rl", "--config", str(CONFIGS / "ppo.yaml"), *common,
                        f"kl_coef={kl:g}", f"output_dir={run_dir}", *scale["ppo"]], fresh=run_dir)
+            prune(run_dir)
             runs.append((run_dir, []))
 
     for run_dir, extra in runs:
