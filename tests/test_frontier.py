@@ -65,7 +65,7 @@ def test_frontier_points_methods_table_and_png(runs, tmp_path, capsys):
                    ("dpo", "beta=0.1", 24, 3.0, 0.4, False),  # checkpoint-16 has less KL and more reward
                    ("dpo", "beta=1", 8, 0.3, 0.15, True), ("dpo", "beta=1", 16, 0.6, 0.25, True),
                    ("ppo", "kl_coef=0.05", 6, 4.0, 0.3, True), ("ppo", "kl_coef=0.05", 12, 6.0, 0.45, True)]
-    assert {p["run"] for p in result["points"]} == {str(runs / d) for d in ("dpo-beta0.1", "dpo-beta1", "ppo-kl0.05")}
+    assert {p["run"] for p in result["points"]} == {str((runs / d).resolve()) for d in ("dpo-beta0.1", "dpo-beta1", "ppo-kl0.05")}
     p = result["points"][0]
     assert (p["reward_se"], p["kl_se"], p["win_rate"], p["implicit_reward_accuracy"]) == (0.05, 0.1, 0.6, 0.7)
     (ref,) = result["references"]

@@ -147,13 +147,11 @@ def run_of(path: Path, data: dict) -> tuple[dict, int, Path] | None:
 
 def final_step(run_dir: Path) -> int:
     """The step a run's final model was saved at: its newest checkpoint, else the last step it logged."""
-    from dpokit.train.checkpoint import PREFIX, list_checkpoints
-
-    found = list_checkpoints(run_dir)
-    if found:
-        return int(found[-1].name[len(PREFIX):])
+    steps = [int(p.name[len("checkpoint-"):]) for p in run_dir.glob("checkpoint-*")
+             if p.name[len("checkpoint-"):].isdigit() and (p / "trainer_state.json").is_file()]
+    if steps:
+        return max(steps)
     metrics = run_dir / "metrics.jsonl"
-    steps = []
     if metrics.is_file():
         for line in metrics.read_text(encoding="utf-8").splitlines():
             try:
@@ -201,7 +199,7 @@ def collect(files) -> tuple[list, list, dict]:
                             "trainer_state.json or config.yaml beside the file or in the model directory)")
         cfg, step, run_dir = found
         method, setting = method_of(cfg, path)
-        points.append(Point(method, setting, step, str(run_dir), float(pol["kl"]), float(pol.get("kl_se", 0.0)),
+        points.append(Point(method, setting, step, str(run_dir.resolve()), float(pol["kl"]), float(pol.get("kl_se", 0.0)),
                             float(pol["reward"]), float(pol.get("reward_se", 0.0)), _opt(pol.get("win_rate")),
                             _opt(pol.get("win_rate_se")), _opt(pol.get("implicit_reward_accuracy")), str(path)))
     return dedupe(points), list(references.values()), rewards
