@@ -197,3 +197,17 @@ def test_sentiment_driver_end_to_end_smoke(tiny_model_dir, tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("skipped") == 5, again.stdout
     print(f"driver smoke: {time.perf_counter() - t0:.0f} s")
+
+
+def test_frontier_final_directory_without_checkpoints_takes_the_last_logged_step(tmp_path):
+    run = tmp_path / "ipo"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({**DPO_CFG, "loss_type": ["ipo"], "beta": 0.5}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
+                                               [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 0.5},
+                                                {"step": 20, "eval/loss": 0.6}]))
+    (run / "eval.json").write_text(json.dumps(eval_result(0.3, 1.5, model=str(run))))
+    out = tmp_path / "f"
+    assert main(["frontier", f"inputs={run / 'eval.json'}", f"output_dir={out}"]) == 0
+    (p,) = json.loads((out / "frontier.json").read_text())["points"]
+    assert (p["method"], p["setting"], p["step"], p["run"]) == ("ipo", "beta=0.5", 20, str(run.resolve()))
