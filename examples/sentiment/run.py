@@ -11,7 +11,7 @@ data/sentiment (pi_ref's own samples labelled by VADER). Then
 
 Run from the repository root with its venv:
 
-    OMP_NUM_THREADS=1 .venv/bin/python examples/sentiment/run.py            # --scale quick: a CPU, about 1 h
+    OMP_NUM_THREADS=1 .venv/bin/python examples/sentiment/run.py            # --scale quick: one CPU core, < 1 h
     .venv/bin/python examples/sentiment/run.py --scale full                # a GPU: the same commands, bigger
     .venv/bin/python examples/sentiment/run.py --dry-run                   # print the commands only
 
@@ -42,7 +42,8 @@ SCALES = {
                       "max_new_tokens=6", "warmup_steps=0"],
               "eval": ["num_samples=4", "max_eval_examples=4", "max_new_tokens=6"],
               "betas": [0.1], "kl_coefs": [0.05]},
-    # one CPU core, about an hour: 3 x 32 DPO steps, 2 x 24 PPO steps, 20 evaluations of 64 prompts
+    # one CPU core, under an hour: 3 x 20 DPO steps of 8 pairs, 2 x 10 PPO steps of 4 prompts x 4 samples,
+    # 10 evaluations of 32 prompts (the sizes of configs/*.yaml)
     "quick": {"dpo": [], "ppo": [], "eval": [], "betas": [0.05, 0.2, 1.0], "kl_coefs": [0.02, 0.1]},
     # a GPU: longer runs, bigger batches, every held-out prompt, and a third kl_coef
     "full": {"dpo": ["max_steps=400", "save_steps=50", "per_device_train_batch_size=32", "learning_rate=5e-6",
