@@ -22,7 +22,7 @@ from dpokit.data.tokenize import TokenizedPair, explicit_prompt, tokenize_datase
 from dpokit.logprobs import sequence_logps
 from dpokit.report import log
 from dpokit.rewards import get_reward_fn
-from dpokit.train.loop import autocast, set_seed
+from dpokit.train.loop import autocast, set_seed, to_device
 
 
 def mean_se(xs) -> tuple[float, float]:
@@ -38,8 +38,8 @@ def pair_logps(model, examples, pad_id, batch_size, precision="fp32"):
     chosen, rejected = [], []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
-        with autocast(torch.device("cpu"), precision):
-            logps = sequence_logps(model, collate_padded(chunk, pad_id))[0]
+        with autocast(model.device, precision):
+            logps = sequence_logps(model, to_device(collate_padded(chunk, pad_id), model.device))[0].float().cpu()
         chosen.append(logps[: len(chunk)])
         rejected.append(logps[len(chunk):])
     return torch.cat(chosen), torch.cat(rejected)
@@ -62,8 +62,8 @@ def sample(model, tokenizer, prompts: list, max_new_tokens, temperature, top_p, 
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i: i + batch_size]
         T = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in chunk])
-        attention = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in chunk])
+        input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in chunk], device=model.device)
+        attention = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in chunk], device=model.device)
         out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
                              do_sample=temperature > 0, temperature=temperature or None,
                              top_p=top_p if temperature > 0 else None, top_k=0, pad_token_id=pad,
@@ -83,7 +83,7 @@ def sampled_kl(policy, reference, prompts, responses, pad_id, batch_size=16):
     out = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i: i + batch_size]
-        batch = collate_padded(chunk, pad_id)
+        batch = to_device(collate_padded(chunk, pad_id), policy.device)
         lp = sequence_logps(policy, batch)[0][: len(chunk)]
         lr = sequence_logps(reference, batch)[0][: len(chunk)]
         out += (lp - lr).tolist()
@@ -97,8 +97,9 @@ def run(cfg) -> dict:
                                        cfg.truncation_mode)
     examples = examples[: cfg.max_eval_examples] if cfg.max_eval_examples else examples
     log.info("%s: %s", label, stats.summary())
-    policy = models.load_model(cfg.model, cfg.trust_remote_code).eval()
-    reference = models.load_model(cfg.ref_model, cfg.trust_remote_code).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy = models.load_model(cfg.model, cfg.trust_remote_code).eval().to(device)
+    reference = models.load_model(cfg.ref_model, cfg.trust_remote_code).eval().to(device)
     pad = tokenizer.pad_token_id
     bs = cfg.per_device_eval_batch_size
     ref_logps = pair_logps(reference, examples, pad, bs, cfg.precision)
@@ -115,7 +116,7 @@ def run(cfg) -> dict:
         prompt_texts = [original[e.row] for e in unique.values()][: cfg.num_samples]
         sampled_rewards = {}
         for name, model in (("reference", reference), ("policy", policy)):
-            with autocast(torch.device("cpu"), cfg.precision):
+            with autocast(device, cfg.precision):
                 texts, ids = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                     cfg.seed)
             rewards = sampled_rewards[name] = reward_fn(prompt_texts, texts)
