@@ -19,6 +19,7 @@ from dpokit import models
 from dpokit.data.batch import collate_padded
 from dpokit.data.load import load_pairs
 from dpokit.data.tokenize import TokenizedPair, explicit_prompt, tokenize_dataset
+from dpokit.generate import sample_responses
 from dpokit.logprobs import sequence_logps
 from dpokit.report import log
 from dpokit.rewards import get_reward_fn
@@ -55,25 +56,10 @@ def implicit_reward_metrics(beta, policy_logps, reference_logps) -> dict:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list, max_new_tokens, temperature, top_p, seed, batch_size=32):
-    """One response per prompt (token-id lists, left-padded for batched generation) -> (texts, ids)."""
+    """One response per prompt (token-id lists), seeded -> (texts, ids)."""
     set_seed(seed)
-    texts, ids = [], []
-    pad = tokenizer.pad_token_id
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i: i + batch_size]
-        T = max(len(p) for p in chunk)
-        input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in chunk], device=model.device)
-        attention = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in chunk], device=model.device)
-        out = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                             do_sample=temperature > 0, temperature=temperature or None,
-                             top_p=top_p if temperature > 0 else None, top_k=0, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
-        for row in out[:, T:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id) + 1]
-            ids.append(row)
-            texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return texts, ids
+    ids = sample_responses(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size=batch_size)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids], ids
 
 
 @torch.no_grad()
