@@ -548,7 +548,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per configuration (>= 20 for the loss check)")
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the timings")
     ap.add_argument("--batch", type=int, default=None, help="pairs per step, both frameworks (default: 2 on CPU, 8 on GPU)")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 where the device computes it natively, else fp32 (dpokit's rule)")
     ap.add_argument("--scale", type=float, default=None, help="multiply every length of the length distribution "
                     "(default: 0.2 on CPU, 1 on GPU)")
     ap.add_argument("--lr", type=float, default=1e-5, help="learning rate (large enough that the loss moves)")
@@ -592,6 +593,7 @@ def main(argv=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dpokit import models
+    from dpokit.precision import resolve as resolve_precision
 
     cpu = args.device == "cpu"
     scale = args.scale if args.scale is not None else (0.2 if cpu else 1.0)
@@ -612,6 +614,8 @@ def main(argv=None):
         meta = AutoModelForCausalLM.from_config(config)
     embeddings = {id(p) for m in (meta.get_input_embeddings(), meta.get_output_embeddings()) for p in m.parameters()}
     backbone_params = sum(p.numel() for p in meta.parameters() if id(p) not in embeddings)
+    # both frameworks get the same concrete precision: dpokit's `auto` rule, resolved once here
+    args.precision = resolve_precision(args.precision, args.device)
     peak = matmul_peak(args.device, args.precision)
     info = {"device": device_name(args.device), "model": args.model, "model_dir": str(model_dir),
             "backbone_params": backbone_params, "shape": shape, "precision": args.precision,

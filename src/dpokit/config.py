@@ -29,6 +29,11 @@ LOSS_TYPES = ["sigmoid", "robust", "ipo", "hinge", "nca_pair", "exo_pair", "bco_
               "apo_down", "aot", "aot_pair", "discopop", "simpo", "orpo", "sft", "kto"]
 
 
+# dpokit.precision.PRECISIONS (kept here so that config answers without importing torch; a test keeps
+# the two lists equal)
+PRECISIONS = ["auto", "fp32", "bf16"]
+
+
 @dataclass
 class TrainConfig:
     """What every training stage shares: model, data, optimisation, logging and saving."""
@@ -61,7 +66,9 @@ class TrainConfig:
     num_train_epochs: float = opt(1.0, "passes over the training data (fractions allowed); ignored if max_steps > 0")
     max_steps: int = opt(-1, "optimizer steps to run; -1 means use num_train_epochs")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 disables clipping)")
-    precision: str = opt("fp32", "fp32, or bf16 autocast with fp32 master weights", ["fp32", "bf16"])
+    precision: str = opt("auto", "auto: bf16 where the device computes it natively (CUDA with bf16, CPUs with "
+                         "avx512_bf16 / amx_bf16), else fp32; or fp32; or bf16 autocast with fp32 master "
+                         "weights", PRECISIONS)
     disable_dropout: bool = opt(True, "turn off dropout in the policy (and reference) so log-probs are deterministic")
     padding_free: bool = opt(False, "pack the batch's sequences into one row (no padding computed), attention "
                              "kept within each sequence")
@@ -139,7 +146,8 @@ class EvalConfig:
     temperature: float = opt(0.7, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling threshold")
     output_file: typing.Optional[str] = opt(None, "write the results as JSON here (default: <model>/eval.json)")
-    precision: str = opt("fp32", "fp32 or bf16 autocast", ["fp32", "bf16"])
+    precision: str = opt("auto", "auto (bf16 where the device does it natively, else fp32), fp32, or bf16 "
+                         "autocast", PRECISIONS)
     seed: int = opt(0, "seed for sampling")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
 

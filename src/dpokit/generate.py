@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dpokit.config import opt
+from dpokit.config import PRECISIONS, opt
 from dpokit.errors import UserError
 
 
@@ -48,7 +48,8 @@ class GenerateConfig:
     batch_size: int = opt(32, "sequences per generate call")
     max_prompt_length: typing.Optional[int] = opt(512, "longer prompts are cut per truncation_mode")
     truncation_mode: str = opt("keep_end", "which part of a too-long prompt to keep", ["keep_end", "keep_start"])
-    precision: str = opt("fp32", "fp32, or bf16 autocast", ["fp32", "bf16"])
+    precision: str = opt("auto", "auto (bf16 where the device does it natively, else fp32), fp32, or bf16 "
+                         "autocast", PRECISIONS)
     seed: int = opt(0, "seed for sampling: the same seed gives the same samples")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from dpokit.config import save_config, to_dict
 from dpokit.errors import Interrupted, UserError
+from dpokit.precision import resolve_for as resolve_precision
 from dpokit.report import Reporter, log
 from dpokit.train import checkpoint
 from dpokit.train.checkpoint import fault_point
@@ -81,7 +82,8 @@ def peak_memory_mb(device) -> float:
 
 
 def autocast(device, precision: str):
-    if precision == "bf16":
+    """bf16 autocast (fp32 master weights) or nothing; `auto` picks what the device runs natively."""
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
