@@ -116,3 +116,85 @@ def test_kto_bad_label(tiny_model_dir, tmp_path, capsys):
     assert main(["dpo", f"model={tiny_model_dir}", f"dataset={path}", "loss_type=kto",
                  f"output_dir={tmp_path / 'o'}"]) == 2
     assert "k.jsonl: row 2: field 'label': expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return models.load_model(str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("reference_free", [False, True])
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_every_loss_with_and_without_reference_free_steps(tiny_model, smol_tokenizer, loss_type, reference_free):
+    """The step of every loss x reference_free gives finite losses and gradients, in training and in evaluation
+    (bco_pair with reference_free once raised a TypeError at the first step, after output was written)."""
+    from dpokit.data.batch import collate_padded
+    from dpokit.data.tokenize import TokenizedPair
+
+    import copy
+
+    policy = copy.deepcopy(tiny_model)
+    cfg = load_config(DPOConfig, None, ["dataset=x", f"loss_type={loss_type}", f"reference_free={reference_free}",
+                                        "label_smoothing=0.1" if loss_type == "robust" else "beta=0.1"])
+    needs_reference = LOSSES[loss_type].needs_reference and not reference_free
+    reference = copy.deepcopy(tiny_model).eval() if needs_reference else None
+    step = dpo.DPOStep(reference, cfg)
+    ids = smol_tokenizer("Rate the film.")["input_ids"]
+    pairs = [TokenizedPair(ids, [100 + i, 200, 2], [300 + i, 2]) for i in range(3)]
+    batch = collate_padded(pairs, smol_tokenizer.pad_token_id)
+    policy.train()
+    losses, metrics = step(policy, batch)
+    assert losses.shape == (3,) and torch.isfinite(losses).all()
+    losses.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+    policy.eval()
+    with torch.no_grad():
+        losses, metrics = step(policy, batch)
+    assert torch.isfinite(losses).all() and all(torch.isfinite(v).all() for v in metrics.values())
+
+
+def test_kto_refuses_reference_free():
+    from dpokit.errors import UserError
+
+    with pytest.raises(UserError, match="reference_free': not supported with kto"):
+        load_config(DPOConfig, None, ["dataset=x", "loss_type=kto", "reference_free=true"])
+
+
+def test_lora_policy_weights_are_the_merged_model(tiny_model):
+    """TR-DPO with a LoRA policy moves the reference towards W + delta W: the merged model's weights."""
+    import copy
+
+    from dpokit.config import DPOConfig
+
+    cfg = DPOConfig(dataset="x", use_lora=True, lora_r=4)
+    policy = models.add_lora(copy.deepcopy(tiny_model), cfg)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # B starts at zero: give the adapters a real delta
+    weights = dpo.policy_weights(policy)
+    merged = copy.deepcopy(policy).merge_and_unload()
+    expected = dict(merged.named_parameters())
+    expected.update((k, v) for k, v in merged.named_buffers() if v.is_floating_point())
+    plain = dict(tiny_model.named_parameters())
+    plain.update((k, v) for k, v in tiny_model.named_buffers() if v.is_floating_point())
+    assert weights.keys() == expected.keys() == plain.keys()
+    moved = 0
+    for name, tensor in expected.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-6)
+        moved += not torch.equal(tensor, plain[name])
+    assert moved > 0
+
+
+def test_trdpo_with_lora_needs_a_separate_reference_and_runs_with_one(tiny_model_dir, pref_dir, tmp_path, monkeypatch):
+    from dpokit.errors import UserError
+
+    with pytest.raises(UserError, match="ref_sync_steps': TR-DPO moves the reference, so with use_lora"):
+        load_config(DPOConfig, None, ["dataset=x", "use_lora=true", "ref_sync_steps=1"])
+    synced = []
+    real = dpo.soft_update_reference
+    monkeypatch.setattr(dpo, "soft_update_reference", lambda ref, pol, a: synced.append(len(pol)) or real(ref, pol, a))
+    run_dpo(tiny_model_dir, pref_dir, tmp_path / "o", use_lora=True, lora_r=4, ref_model=str(tiny_model_dir),
+            ref_sync_steps=1, ref_sync_alpha=0.5)
+    assert len(synced) == 2  # both steps synced, and the run finished with a loadable model
+    assert (tmp_path / "o" / "model.safetensors").is_file()

@@ -7,6 +7,7 @@ An unknown key or a bad value is a UserError naming the key and what is valid.
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,8 +178,14 @@ def coerce(key: str, value, tp, choices=None, source: str = ""):
     base, optional = _base_type(tp)
     where = f"{source}: " if source else ""
     item = _list_of(base)
-    if item is not None and value is not None:  # a YAML list, or "a,b" on the command line
-        values = value if isinstance(value, list) else [v.strip() for v in str(value).split(",") if v.strip()]
+    if item is not None and value is not None:  # a YAML list, or "a,b" (or "[a, b]") on the command line
+        if isinstance(value, list):
+            values = value
+        else:
+            text = str(value).strip()
+            if text.startswith("[") and text.endswith("]"):
+                text = text[1:-1]
+            values = [v.strip().strip("'\"") for v in text.split(",") if v.strip().strip("'\"")]
         if not values:
             raise UserError(f"{where}key '{key}' needs at least one value")
         return [coerce(key, v, item, choices, source) for v in values]
@@ -186,6 +193,8 @@ def coerce(key: str, value, tp, choices=None, source: str = ""):
         if optional or base is str and value is None:
             return None
         raise UserError(f"{where}key '{key}' needs a value of type {base.__name__}")
+    if isinstance(value, (dict, list)):  # a nested YAML value where the key takes one scalar
+        raise UserError(f"{where}key '{key}': expected a single {base.__name__}, got a {type(value).__name__}")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -200,17 +209,27 @@ def coerce(key: str, value, tp, choices=None, source: str = ""):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             out = int(value) if not isinstance(value, str) else int(value.strip())
+            if not -2**63 <= out < 2**63:  # every integer key ends up in a 64-bit tensor or C call
+                raise UserError(f"{where}key '{key}': {out} is out of range")
         elif base is float:
             if isinstance(value, bool):
                 raise ValueError
             out = float(value)
+            if not math.isfinite(out):  # nan and inf would train silently wrong (or not at all)
+                raise UserError(f"{where}key '{key}': must be a finite number, got {value!r}")
         else:
             out = str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}key '{key}': {value!r} is not a valid {base.__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{where}key '{key}': {_short(value)} is not a valid {base.__name__}") from None
     if choices and out not in choices:
         raise UserError(f"{where}key '{key}': {out!r} is not one of {', '.join(choices)}")
     return out
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr of a value, cut so that an error stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _unknown(key, cls, source):
@@ -228,18 +247,20 @@ def load_config(cls, config_file=None, overrides=()):
         path = Path(config_file)
         if not path.is_file():
             raise UserError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a mapping of key: value")
-        values.update({k: (v, str(path)) for k, v in data.items()})
+        for k, v in data.items():
+            if not isinstance(k, str):
+                raise UserError(f"{path}: key {_short(k)} is not a name (keys are strings such as 'beta')")
+            values[k] = (v, str(path))
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not key=value")
         k, v = item.split("=", 1)
-        values[k.strip()] = (yaml.safe_load(v) if v.strip() else None, "command line")
+        # the value stays a string: coerce() converts it by the key's type, so a path holding ' #' or ': '
+        # reaches the key as typed (YAML would cut a comment or read a mapping)
+        values[k.strip()] = (v if v.strip() else None, "command line")
     known = {f.name: (f, tp) for f, tp in fields_of(cls)}
     kwargs = {}
     for k, (v, source) in values.items():
@@ -250,6 +271,22 @@ def load_config(cls, config_file=None, overrides=()):
     cfg = cls(**kwargs)
     validate(cfg)
     return cfg
+
+
+def read_yaml(path: Path):
+    """A YAML config file's contents (None when empty), or a UserError naming the file."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # tolerate a byte-order mark
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
 
 
 def validate(cfg):
@@ -264,11 +301,21 @@ def validate(cfg):
         v = getattr(cfg, name, None)
         if v is not None and v < 1:
             raise UserError(f"key '{name}': must be at least 1 or none, got {v}")
-    for name in ["learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "eval_steps", "save_steps"]:
+    for name in ["learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "eval_steps", "save_steps",
+                 "ref_sync_steps", "simpo_gamma"]:
         if hasattr(cfg, name) and getattr(cfg, name) < 0:
             raise UserError(f"key '{name}': must be non-negative, got {getattr(cfg, name)}")
     if hasattr(cfg, "beta") and not cfg.beta > 0:
         raise UserError(f"key 'beta': must be positive, got {cfg.beta}")
+    for name in ["lora_alpha", "discopop_tau", "desirable_weight", "undesirable_weight"]:
+        if hasattr(cfg, name) and not getattr(cfg, name) > 0:
+            raise UserError(f"key '{name}': must be positive, got {getattr(cfg, name)}")
+    if getattr(cfg, "max_eval_examples", None) is not None and cfg.max_eval_examples < 1:
+        raise UserError(f"key 'max_eval_examples': must be at least 1 or none, got {cfg.max_eval_examples}")
+    if hasattr(cfg, "lora_dropout") and not 0 <= cfg.lora_dropout < 1:
+        raise UserError(f"key 'lora_dropout': must be in [0, 1), got {cfg.lora_dropout}")
+    if hasattr(cfg, "seed") and not 0 <= cfg.seed < 2**32:  # numpy's seeds are 32-bit unsigned
+        raise UserError(f"key 'seed': must be in [0, 2**32), got {cfg.seed}")
     if hasattr(cfg, "label_smoothing") and not 0 <= cfg.label_smoothing < 0.5:
         raise UserError(f"key 'label_smoothing': must be in [0, 0.5), got {cfg.label_smoothing}")
     if hasattr(cfg, "temperature") and not cfg.temperature >= 0:
@@ -279,12 +326,15 @@ def validate(cfg):
         raise UserError(f"key 'loss_weights': {len(cfg.loss_weights)} weights for {len(cfg.loss_type)} loss types")
     if "kto" in getattr(cfg, "loss_type", []) and len(cfg.loss_type) > 1:
         raise UserError("key 'loss_type': kto trains on unpaired data and cannot be combined with other losses")
+    if getattr(cfg, "loss_type", None) == ["kto"] and cfg.reference_free:
+        raise UserError("key 'reference_free': not supported with kto (its reference point is a KL to pi_ref)")
     if hasattr(cfg, "ref_sync_alpha") and not 0 < cfg.ref_sync_alpha <= 1:
         raise UserError(f"key 'ref_sync_alpha': must be in (0, 1], got {cfg.ref_sync_alpha}")
     if getattr(cfg, "precompute_ref_log_probs", False) and cfg.ref_sync_steps:
         raise UserError("key 'precompute_ref_log_probs': cannot be combined with ref_sync_steps (TR-DPO moves the reference)")
-    if getattr(cfg, "use_lora", False) and cfg.ref_model and cfg.ref_sync_steps:
-        raise UserError("key 'ref_sync_steps': TR-DPO needs a separate reference model, not use_lora's base model")
+    if getattr(cfg, "use_lora", False) and not cfg.ref_model and getattr(cfg, "ref_sync_steps", 0):
+        raise UserError("key 'ref_sync_steps': TR-DPO moves the reference, so with use_lora it needs a separate "
+                        "ref_model (the default reference is the adapters' own base model)")
     if hasattr(cfg, "num_train_epochs") and getattr(cfg, "max_steps", 0) <= 0 and not cfg.num_train_epochs > 0:
         raise UserError("key 'num_train_epochs': must be positive when max_steps is -1")
     if getattr(cfg, "dataset", "x") is None:

@@ -474,6 +474,13 @@ def kto_loss(policy_logps, reference_logps, labels, kl_estimate, beta: float,
 
 # --- TR-DPO: a reference that follows the policy --------------------------------------------------------
 
+def named_weights(model) -> dict:
+    """{name: tensor} of a model's parameters and floating-point buffers (what TR-DPO mixes)."""
+    weights = dict(model.named_parameters())
+    weights.update((k, v) for k, v in model.named_buffers() if v.is_floating_point())
+    return weights
+
+
 @torch.no_grad()
 def soft_update_reference(reference_model, policy_model, alpha: float):
     """TR-DPO, Gorbatovski et al. 2024 (arXiv 2404.09656), Sec. 3: every tau steps,
@@ -481,14 +488,13 @@ def soft_update_reference(reference_model, policy_model, alpha: float):
         theta_ref <- alpha * theta + (1 - alpha) * theta_ref      (alpha = 1: the hard update, a copy)
 
     in place, for every parameter and floating-point buffer. The two models must have the same
-    parameter names and shapes (a frozen full copy; not a LoRA base with adapters disabled).
+    parameter names and shapes (a frozen full copy; not a LoRA base with adapters disabled); `policy_model`
+    may also be a {name: tensor} mapping of its weights (a LoRA policy's, merged: dpo.policy_weights).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    ref = dict(reference_model.named_parameters())
-    ref.update((k, v) for k, v in reference_model.named_buffers() if v.is_floating_point())
-    pol = dict(policy_model.named_parameters())
-    pol.update((k, v) for k, v in policy_model.named_buffers() if v.is_floating_point())
+    ref = named_weights(reference_model)
+    pol = policy_model if isinstance(policy_model, dict) else named_weights(policy_model)
     if ref.keys() != pol.keys():
         raise ValueError(f"reference and policy differ in parameters: {sorted(ref.keys() ^ pol.keys())[:5]}")
     for name, r in ref.items():

@@ -13,7 +13,7 @@ from dpokit.data.load import FILE_SUFFIXES, MissingSplit, load_pairs
 from dpokit.data.tokenize import tokenize_dataset
 from dpokit.errors import UserError
 from dpokit.logprobs import sequence_logps
-from dpokit.losses import RewardMean, combined_loss, requirements, soft_update_reference
+from dpokit.losses import RewardMean, combined_loss, named_weights, requirements, soft_update_reference
 from dpokit.report import log, plot_metrics
 from dpokit.train import kto, loop, refcache
 
@@ -59,7 +59,8 @@ class DPOStep:
             kwargs.update(chosen_lengths=n_tokens[:B].float(), rejected_lengths=n_tokens[B:].float())
         if self.bco_mean is not None:
             if policy.training:
-                rewards = self.beta * (logps - ref).detach()
+                # implicit rewards beta * log(pi / pi_ref); reference_free: log pi_ref = 0
+                rewards = self.beta * (logps if ref is None else logps - ref).detach()
                 total = loop.all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()))]).cpu())
                 self.bco_mean.update(torch.full((int(total[1]),), (total[0] / total[1]).item()))
             kwargs["bco_delta"] = self.bco_mean.mean
@@ -83,7 +84,7 @@ class DPOStep:
     def after_optimizer_step(self, step_no, policy):
         """TR-DPO (arXiv 2404.09656): every ref_sync_steps, pi_ref <- alpha pi + (1 - alpha) pi_ref."""
         if self.ref_sync_steps and step_no % self.ref_sync_steps == 0:
-            soft_update_reference(self.reference, policy, self.ref_sync_alpha)
+            soft_update_reference(self.reference, policy_weights(policy), self.ref_sync_alpha)
 
     def state_dict(self) -> dict:
         return {"bco": self.bco_mean.state_dict()} if self.bco_mean is not None else {}
@@ -104,6 +105,33 @@ class DPOStep:
             from safetensors.torch import load_model
 
             load_model(self.reference, str(Path(directory) / "reference.safetensors"))
+
+
+@torch.no_grad()
+def policy_weights(policy) -> dict:
+    """{name: tensor} of the policy's weights under a plain model's names. For a LoRA policy the adapted
+    layers come merged, W + delta W, computed aside (merging in place and back would round W)."""
+    policy = getattr(policy, "module", policy)  # DDP
+    if not models.is_peft(policy):
+        return named_weights(policy)
+    from peft.tuners.lora import LoraLayer
+
+    base = policy.get_base_model()
+    modules = dict(base.named_modules())
+    weights = {}
+    named = list(base.named_parameters()) + [(k, v) for k, v in base.named_buffers() if v.is_floating_point()]
+    for name, tensor in named:
+        parts = name.split(".")
+        if any(part.startswith("lora_") for part in parts):   # the adapters themselves
+            continue
+        if "base_layer" in parts:
+            owner = ".".join(parts[: parts.index("base_layer")])
+            layer = modules[owner]
+            if parts[-1] == "weight" and isinstance(layer, LoraLayer) and not layer.merged:
+                tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+            name = name.replace(".base_layer.", ".")
+        weights[name] = tensor
+    return weights
 
 
 def collate_with_reference(pairs, collate):
