@@ -20,7 +20,8 @@ fed is what training conditions on.
 import json
 
 from dpokit.data.load import check_field, load_pairs, read_rows
-from dpokit.data.tokenize import TokenizeStats, explicit_prompt, split_at_boundary, tokenize_pair, truncate
+from dpokit.data.tokenize import (COMPLETION_FIELDS, TokenizeStats, apply_template, explicit_prompt, split_at_boundary,
+                                  tokenize_pair, truncate)
 from dpokit.errors import UserError, where
 
 
@@ -115,8 +116,8 @@ def tokenize_demonstrations(tok, rows, label, max_length, max_prompt_length,
     boundary-exact, the completion ending in one EOS; truncated as in DPO."""
     stats, out = TokenizeStats(), []
     for row, ex in rows:
-        pair = tokenize_pair(tok, {"prompt": ex["prompt"], "chosen": ex["completion"],
-                                   "rejected": ex["completion"]}, label, row)
+        pair = tokenize_pair(tok, {"prompt": ex["prompt"], "chosen": ex["completion"], "rejected": ex["completion"]},
+                             label, row, COMPLETION_FIELDS)
         if not pair.prompt_ids:
             stats.drop("with an empty prompt")
             continue
@@ -134,9 +135,7 @@ def tokenize_demonstrations(tok, rows, label, max_length, max_prompt_length,
 def tokenize_prompt(tok, prompt, label="", row=0) -> list:
     """A prompt (string or messages) -> the token ids generation is fed: those of tokenize_pair's prompt."""
     if isinstance(prompt, list):
-        if tok.chat_template is None:
-            raise UserError(f"{where(label, row)}: conversational data needs a tokenizer with a chat template")
-        text, special = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), False
+        text, special = apply_template(tok, prompt, label, row, "prompt", add_generation_prompt=True), False
     else:
         text, special = prompt, True
     ids = split_at_boundary(tok, text, "", special)[0]

@@ -9,11 +9,17 @@ response on its own instead, as the continuation of the prompt's own tokens.
 
 Every response ends with exactly one EOS (unless truncation cut it off: a cut response must not teach
 the model to stop there); a sequence holds at most one BOS.
+
+Work per row is linear in its length (load.py bounds the length): no loop here re-slices a list per
+step, and common prefixes are found by comparing slices, not characters one by one in Python.
 """
 
 from dataclasses import dataclass, field
 
 from dpokit.errors import UserError, where
+
+# tokenize_pair's (prompt, chosen, rejected) as errors name them for a prompt/completion row (KTO, SFT)
+COMPLETION_FIELDS = ("prompt", "completion", "completion")
 
 
 @dataclass
@@ -44,10 +50,11 @@ def _encode(tok, text, special):
 
 
 def _one_bos(tok, ids):
-    bos = tok.bos_token_id
-    while bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]
-    return ids
+    """A leading run of BOS tokens cut to one (a template's BOS + the tokenizer's own)."""
+    bos, n = tok.bos_token_id, 0
+    while bos is not None and n < len(ids) and ids[n] == bos:
+        n += 1
+    return ids[n - 1:] if n >= 2 else ids
 
 
 def split_at_boundary(tok, prompt: str, response: str, special: bool) -> tuple[list, list]:
@@ -77,11 +84,10 @@ def end_with_one_eos(tok, ids: list) -> list:
     """Cut whatever a chat template puts after the last EOS (e.g. a newline) or append EOS if none."""
     eos = tok.eos_token_id
     if eos in ids:
-        last = len(ids) - 1 - ids[::-1].index(eos)
-        ids = ids[: last + 1]
-        while len(ids) >= 2 and ids[-2] == eos:
-            ids = ids[:-1]
-        return ids
+        first = len(ids) - 1 - ids[::-1].index(eos)  # the last EOS
+        while first > 0 and ids[first - 1] == eos:  # a run of EOS at the end counts once
+            first -= 1
+        return ids[: first + 1]
     return ids + [eos]
 
 
@@ -93,43 +99,69 @@ def common_prefix_messages(a: list, b: list) -> int:
 
 
 def common_prefix_text(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
+    # Bisect on slice equality (compared in C; halving: O(n) in all) rather than a loop per character.
+    n, hi = 0, min(len(a), len(b))
+    while n < hi:  # a[:n] == b[:n], and they differ somewhere before hi + 1
+        mid = (n + hi + 1) // 2
+        if a[n:mid] == b[n:mid]:
+            n = mid
+        else:
+            hi = mid - 1
     if n < min(len(a), len(b)):  # don't split a word: back off to just after the last whitespace
         while n > 0 and not a[n - 1].isspace():
             n -= 1
     return n
 
 
-def explicit_prompt(example: dict) -> dict:
-    """Implicit-prompt rows: the prompt is the longest common prefix of chosen and rejected."""
+def explicit_prompt(example: dict, label="", row=0) -> dict:
+    """Implicit-prompt rows: the prompt is the longest common prefix of chosen and rejected. An empty
+    one (no common first message, or no common text but whitespace) is an error: such a row has lost
+    its prompt, and a conversation cannot be rendered without one."""
     if "prompt" in example:
         return example
     c, r = example["chosen"], example["rejected"]
     n = common_prefix_messages(c, r) if isinstance(c, list) else common_prefix_text(c, r)
+    if n == 0 or (isinstance(c, str) and not c[:n].strip()):
+        raise UserError(f"{where(label, row, 'chosen')}: no prompt: chosen and rejected do not begin with a "
+                        f"common prompt (a row without a 'prompt' takes it from their common beginning)")
     return {"prompt": c[:n], "chosen": c[n:], "rejected": r[n:]}
 
 
-def render_chat(tok, prompt_msgs: list, response_msgs: list, label, row) -> tuple[str, str]:
-    """(templated prompt, templated response) with the template's text for prompt + response split exactly."""
+def apply_template(tok, messages: list, label, row, key, **kwargs) -> str:
+    """The chat template's text for `messages`; a template that refuses them (a Jinja raise_exception on
+    roles it does not take, a content it cannot format) is an error naming the row and field."""
     if tok.chat_template is None:
         raise UserError(f"{where(label, row)}: conversational data needs a tokenizer with a chat template")
-    prompt_text = tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-    full_text = tok.apply_chat_template(prompt_msgs + response_msgs, tokenize=False)
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, **kwargs)
+    except Exception as e:  # the template is the user's code: any failure is about their data or template
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:200]
+        raise UserError(f"{where(label, row, key)}: the chat template failed ({reason})") from None
+
+
+def render_chat(tok, prompt_msgs: list, response_msgs: list, label, row, key="chosen",
+                prompt_key="prompt") -> tuple[str, str]:
+    """(templated prompt, templated response) with the template's text for prompt + response split exactly;
+    key / prompt_key name the fields in errors."""
+    prompt_text = apply_template(tok, prompt_msgs, label, row, prompt_key, add_generation_prompt=True)
+    full_text = apply_template(tok, prompt_msgs + response_msgs, label, row, key)
     if not full_text.startswith(prompt_text):
-        raise UserError(f"{where(label, row)}: the chat template does not render the prompt as a prefix "
+        raise UserError(f"{where(label, row, key)}: the chat template does not render the prompt as a prefix "
                         "of prompt + response")
     return prompt_text, full_text[len(prompt_text):]
 
 
-def tokenize_pair(tok, example: dict, label="", row=0) -> TokenizedPair:
-    """One preference row -> untruncated token ids, each response ending in exactly one EOS."""
-    ex = explicit_prompt(example)
+def tokenize_pair(tok, example: dict, label="", row=0, fields=("prompt", "chosen", "rejected")) -> TokenizedPair:
+    """One preference row -> untruncated token ids, each response ending in exactly one EOS. `fields`: the
+    names of prompt, chosen and rejected in the user's file, for errors (KTO and SFT say 'completion')."""
+    ex = explicit_prompt(example, label, row)
     if isinstance(ex["chosen"], list):
         # The template writes its own special tokens (BOS included) as text: don't add them again.
-        pc, chosen = render_chat(tok, ex["prompt"], ex["chosen"], label, row)
-        pr, rejected = render_chat(tok, ex["prompt"], ex["rejected"], label, row)
+        prompt_key, chosen_key, rejected_key = fields
+        if "prompt" not in example:
+            prompt_key = chosen_key  # an implicit prompt is the beginning of chosen
+        pc, chosen = render_chat(tok, ex["prompt"], ex["chosen"], label, row, chosen_key, prompt_key)
+        pr, rejected = render_chat(tok, ex["prompt"], ex["rejected"], label, row, rejected_key, prompt_key)
         assert pc == pr
         prompt, special = pc, False
     else:

@@ -11,7 +11,7 @@ import torch
 
 from dpokit.data.batch import collate_padded
 from dpokit.data.load import load_unpaired
-from dpokit.data.tokenize import TokenizedPair, TokenizeStats, tokenize_pair, truncate
+from dpokit.data.tokenize import COMPLETION_FIELDS, TokenizedPair, TokenizeStats, tokenize_pair, truncate
 from dpokit.errors import UserError
 from dpokit.logprobs import sequence_logps
 from dpokit.losses import kto_loss, kto_reference_point
@@ -32,7 +32,7 @@ def load_kto_split(cfg, tokenizer, source, split) -> list:
     stats, out = TokenizeStats(), []
     for row, ex in rows:
         pair = tokenize_pair(tokenizer, {"prompt": ex["prompt"], "chosen": ex["completion"],
-                                         "rejected": ex["completion"]}, label, row)
+                                         "rejected": ex["completion"]}, label, row, COMPLETION_FIELDS)
         pair = truncate(pair, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
         if pair is None:
             stats.drop("whose completion would be empty after truncation")
