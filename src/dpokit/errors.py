@@ -19,10 +19,22 @@ def where(path, row=None, field=None) -> str:
     return s
 
 
-class Interrupted(Exception):
-    """Training stopped on SIGINT / SIGTERM after writing a checkpoint (not an error: exit 130 / 143)."""
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT / SIGTERM (not an error: exit 130 / 143, as a shell reports a process
+    those signals end). After the first signal a checkpoint was written (`checkpoint`); a second signal
+    stops at once, without one (`at_once`).
 
-    def __init__(self, signame, checkpoint):
-        super().__init__(f"stopped by {signame}; checkpoint saved to {checkpoint}; "
-                         f"run the same command with resume=auto to continue")
+    A KeyboardInterrupt, not an Exception: the `except Exception` that turns a failed save into an
+    error must let an interrupt through, as it lets Ctrl-C through."""
+
+    def __init__(self, signame, checkpoint=None, at_once=False):
+        if at_once:
+            text = (f"stopped at once by a second {signame}, without saving; run the same command with "
+                    f"resume=auto to continue from the last checkpoint")
+        elif checkpoint is not None:
+            text = (f"stopped by {signame}; checkpoint saved to {checkpoint}; "
+                    f"run the same command with resume=auto to continue")
+        else:
+            text = f"stopped by {signame} (this run writes no checkpoints)"
+        super().__init__(text)
         self.exit_code = 130 if signame == "SIGINT" else 143

@@ -91,9 +91,28 @@ def resolve(name: str) -> Path | str:
         if not (path / "config.json").is_file():
             raise UserError(f"{path}: not a model directory (no config.json)")
         return path
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if path.exists():
+        raise UserError(f"{name}: not a model (expected a model directory, a .gguf file, 'default' or a hub name)")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"{name}: model not found (expected a directory, a .gguf file, 'default' or a hub name)")
     return name  # a hub name: transformers downloads it (users have internet)
+
+
+def _load_errors():
+    """What transformers raises for a model the user named wrongly: a missing or garbled file (OSError),
+    an unknown model_type or remote code not trusted (ValueError), a truncated safetensors file
+    (SafetensorError, not an OSError), weights of the wrong shapes (RuntimeError), a missing package."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, ImportError, SafetensorError)
+
+
+def _load_error(name, what: str, e: Exception) -> UserError:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "custom code" in text or "trust_remote_code" in text:
+        text = ("its config.json asks for the model's own Python code (auto_map); set trust_remote_code=true "
+                "only if you trust that code")
+    return UserError(f"{name}: cannot load {what} ({text})")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -102,8 +121,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     src = resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"{name}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    except _load_errors() as e:
+        raise _load_error(name, "tokenizer", e) from None
     if tok.pad_token_id is None:
         # Padding positions are masked out of attention and of the loss, so any id works; EOS is conventional.
         tok.pad_token = tok.eos_token
@@ -119,13 +138,17 @@ def load_model(name: str, trust_remote_code: bool = False, dtype=torch.float32):
 
     src = resolve(name)
     verbosity = hf_logging.get_verbosity()
-    if _has_value_head(src):  # a `dpokit rl` checkpoint: its PPO value head is no part of the policy
+    try:
+        value_head = _has_value_head(src)
+    except _load_errors() as e:
+        raise _load_error(name, "model", e) from None
+    if value_head:  # a `dpokit rl` checkpoint: its PPO value head is no part of the policy
         log.info("%s: leaving out the PPO value head kept in this checkpoint", src)
         hf_logging.set_verbosity_error()  # (transformers would report the head's weights as unexpected)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"{name}: cannot load model ({str(e).splitlines()[0]})") from None
+    except _load_errors() as e:
+        raise _load_error(name, "model", e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     _drop_quantization(model)

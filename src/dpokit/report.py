@@ -4,6 +4,7 @@
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -12,8 +13,6 @@ log = logging.getLogger("dpokit")
 
 def setup_logging(verbose: bool = True):
     """Info on rank 0 only (under torchrun every process would repeat every line)."""
-    import os
-
     verbose = verbose and os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
@@ -59,13 +58,19 @@ class Reporter:
     def log(self, metrics: dict):
         if not self.enabled:
             return
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
+        self.file.write(json.dumps(metrics) + "\n")  # one write and a flush per row: a kill tears at most
+        self.file.flush()                             # the last line, which a resume drops
         line = " ".join(f"{k}={fmt(v)}" for k, v in metrics.items())
         if self.bar is not None:
             self.bar.write(line, file=sys.stderr)
         else:
             log.info(line)
+
+    def sync(self):
+        """fsync the rows written so far (before a checkpoint: the rows it vouches for are on disk)."""
+        if self.enabled and not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
 
     def close(self):
         if self.bar is not None:
@@ -75,8 +80,17 @@ class Reporter:
 
 
 def read_metrics(path) -> list:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics.jsonl; a line that does not parse (torn by a kill) is left out, with a warning."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                log.warning("%s: line %d is not JSON, left out", path, i)
+    return rows
 
 
 def plot_metrics(metrics_path, out_png, keys=("loss", "rewards/accuracies", "rewards/margins")):

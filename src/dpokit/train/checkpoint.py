@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill at any moment, and exact resume.
+"""Checkpoints that survive a kill at any moment, notice damage, and resume exactly.
 
 A checkpoint `output_dir/checkpoint-<step>/` holds everything the run needs to continue as if
 nothing had happened:
@@ -7,12 +7,19 @@ nothing had happened:
   rng_state.pt                             torch CPU (and CUDA) generator states
   trainer_state.json                       step, data position, scheduler, python/numpy RNG, the
                                            unfinished logging window, and the resolved config
+  manifest.json                            size and sha256 of every other file, written last
 It is written into a temporary sibling directory, fsynced, and renamed into place: a rename is atomic,
 so a kill leaves either the previous checkpoint or the new one, never a broken one. Leftover
-temporary directories are swept away on the next start.
+temporary directories are swept away on the next start. Damage after the fact (a truncated or
+edited file, a bit flip, a file copied in from another run) fails the manifest: `resume=auto` then
+falls back to the newest checkpoint that verifies, saying which one it skipped and why.
+Checkpoints written before manifests existed are accepted with a warning (their files cannot be
+verified, only parsed); one whose trainer_state says it had a manifest but has none is damaged.
 """
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -25,8 +32,12 @@ import torch
 
 from dpokit.errors import UserError
 
+log = logging.getLogger("dpokit")
+
 PREFIX = "checkpoint-"
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+FORMAT = 2  # trainer_state["checkpoint_format"]: 2 = has a manifest (format 1, before it, has no such key)
 
 
 def fault_point(name: str):
@@ -35,16 +46,41 @@ def fault_point(name: str):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_dir(path: Path):
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
+def _fsync_dir(path: Path, files=True):
+    """fsync every file below `path` (when `files`), then the directory entries themselves."""
+    for root, dirs, names in os.walk(path) if files else [(path, [], [])]:
+        for name in names:
+            with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def umask_mode() -> int:
+    """The mode a directory made by mkdir gets (mkdtemp makes 0700: checkpoints would differ from the rest)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _set_modes(directory: Path):
+    """Directories as mkdir, files as open() would create them under the umask: mkdtemp makes 0700 and
+    safetensors writes 0600, which would leave weights unreadable to the group that reads the rest."""
+    mode = umask_mode()
+    for root, dirs, names in os.walk(directory):
+        os.chmod(root, mode)
+        for name in names:
+            os.chmod(os.path.join(root, name), mode & 0o666)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def rng_state() -> dict:
@@ -71,26 +107,33 @@ def set_rng_state(state: dict, torch_states: dict):
 
 
 def save_checkpoint(out_dir: Path, step: int, save_model, optimizer, trainer_state: dict, limit=None) -> Path:
-    """Write checkpoint-<step> atomically; keep the newest `limit` checkpoints."""
+    """Write checkpoint-<step> atomically; keep the newest `limit` checkpoints.
+
+    Any failure of any writer (OSError, but also RuntimeError / SafetensorError from a full disk)
+    removes the partial directory and becomes one UserError; the previous checkpoint stays."""
     out_dir = Path(out_dir)
     final = out_dir / f"{PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.", suffix=".tmp", dir=out_dir))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.", suffix=".tmp", dir=out_dir))
         save_model(tmp)
         fault_point(f"save:{step}")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         torch.save({"cpu": torch.get_rng_state(), **({"cuda": cuda} if cuda else {})}, tmp / "rng_state.pt")
-        state = {**trainer_state, "step": step, "rng": rng_state()}
+        state = {**trainer_state, "step": step, "rng": rng_state(), "checkpoint_format": FORMAT}
         (tmp / STATE).write_text(json.dumps(state))
+        write_manifest(tmp)  # last: it vouches for every file written before it
+        _set_modes(tmp)
         _fsync_dir(tmp)
-        if final.exists():  # the same step saved before (e.g. resumed exactly here): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(out_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"{final}: cannot write checkpoint ({e.strerror or e}); the previous checkpoint "
+        _replace_dir(tmp, final)
+        _fsync_dir(out_dir, files=False)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, UserError) or not isinstance(e, Exception):  # (a second signal: exit at once)
+            raise
+        raise UserError(f"{final}: cannot write checkpoint ({_reason(e)}); the previous checkpoint "
                         "is intact") from None
     if limit:
         for old in list_checkpoints(out_dir)[:-limit]:
@@ -98,14 +141,144 @@ def save_checkpoint(out_dir: Path, step: int, save_model, optimizer, trainer_sta
     return final
 
 
+def _replace_dir(src: Path, dst: Path):
+    """Rename src to dst; an existing dst (the same step saved before) is first renamed aside, so
+    that at every moment dst is either the old directory or the new one, never half of either."""
+    if dst.exists():
+        aside = dst.with_name(f".{dst.name}.{os.getpid()}.old.tmp")
+        os.rename(dst, aside)
+        os.rename(src, dst)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(src, dst)
+
+
+def save_final(out_dir: Path, save_model, last_checkpoint=None):
+    """The final model into out_dir itself: written to a temporary sibling, then each file renamed
+    into place, so a failure (a full disk) leaves no half-written model.safetensors. Returns what
+    save_model returns."""
+    out_dir = Path(out_dir)
+    tmp = None
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=out_dir))
+        result = save_model(tmp)
+        fault_point("save:final")
+        _set_modes(tmp)
+        _fsync_dir(tmp)
+        for p in sorted(tmp.iterdir()):
+            target = out_dir / p.name
+            if p.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(p, target)
+        _fsync_dir(out_dir, files=False)
+    except BaseException as e:
+        if isinstance(e, UserError) or not isinstance(e, Exception):
+            raise
+        raise UserError(f"{out_dir}: cannot write the final model ({_reason(e)}); the last checkpoint "
+                        f"{last_checkpoint or '(none)'} is intact: run again with resume=auto") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> list:
+    """Every regular file below `directory`, as sorted relative posix paths."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def write_manifest(directory: Path):
+    files = {rel: {"size": (directory / rel).stat().st_size, "sha256": _sha256(directory / rel)}
+             for rel in _files(directory) if rel != MANIFEST}
+    with open(directory / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(path) -> str | None:
+    """None when the checkpoint at `path` is whole; otherwise `FILE: what is wrong` (one line).
+
+    With a manifest: every listed file exists with its size and sha256, and no other file is there.
+    Without one (older dpokit): trainer_state.json parses and the safetensors headers cover their
+    files. Either way the step in trainer_state.json matches the directory's name."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path}: not a checkpoint directory"
+    manifest = None
+    if (path / MANIFEST).exists():
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+            sizes = {rel: int(meta["size"]) for rel, meta in manifest.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"{path / MANIFEST}: unreadable ({_reason(e)})"
+        for rel, size in sizes.items():
+            f = path / rel
+            if not f.is_file():
+                return f"{f}: missing (listed in {MANIFEST})"
+            if f.stat().st_size != size:
+                return f"{f}: {f.stat().st_size} bytes, {MANIFEST} says {size} (truncated or replaced)"
+        extra = sorted(set(_files(path)) - set(manifest) - {MANIFEST})
+        if extra:
+            return f"{path / extra[0]}: not in {MANIFEST} (a file added after the save)"
+        for rel, meta in manifest.items():
+            if _sha256(path / rel) != meta.get("sha256"):
+                return f"{path / rel}: contents differ from the sha256 in {MANIFEST} (changed after the save)"
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        step = state["step"] if isinstance(state, dict) else None
+    except FileNotFoundError:
+        return f"{path / STATE}: missing"
+    except (OSError, ValueError, KeyError) as e:
+        return f"{path / STATE}: unreadable ({_reason(e)})"
+    if not isinstance(step, int):
+        return f"{path / STATE}: no step"
+    name = path.name[len(PREFIX):]
+    if path.name.startswith(PREFIX) and name.isdigit() and int(name) != step:
+        return f"{path / STATE}: says step {step}, the directory is {path.name}"
+    if manifest is None:
+        if state.get("checkpoint_format", 1) >= 2:
+            return f"{path / MANIFEST}: missing"
+        return _verify_unlisted(path)
+    return None
+
+
+def _verify_unlisted(path: Path) -> str | None:
+    """The checks a checkpoint without a manifest allows: the files exist and safetensors parse."""
+    from safetensors import safe_open
+
+    weights = sorted(path.glob("model*.safetensors")) + sorted(path.glob("adapter_model.safetensors"))
+    if not weights:
+        return f"{path}: no model*.safetensors"
+    for name in ("optimizer.pt", "rng_state.pt"):
+        if not (path / name).is_file():
+            return f"{path / name}: missing"
+    for f in weights:
+        try:
+            with safe_open(f, "pt") as fh:
+                fh.keys()
+        except Exception as e:  # noqa: BLE001 (SafetensorError, not an OSError, for a truncated file)
+            return f"{f}: unreadable ({_reason(e)})"
+    return None
+
+
 def list_checkpoints(out_dir) -> list:
-    """Complete checkpoints, oldest first (a checkpoint exists only once renamed into place)."""
+    """Checkpoint directories, oldest first (one exists only once renamed into place; verify() says
+    whether it was damaged since)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
     found = []
     for p in out_dir.iterdir():
-        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / STATE).is_file():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit():
             found.append((int(p.name[len(PREFIX):]), p))
     return [p for _, p in sorted(found)]
 
@@ -113,28 +286,58 @@ def list_checkpoints(out_dir) -> list:
 def sweep_temporary(out_dir):
     out_dir = Path(out_dir)
     if out_dir.is_dir():
-        for p in out_dir.glob(f".{PREFIX}*.tmp"):
-            shutil.rmtree(p, ignore_errors=True)
+        for pattern in (f".{PREFIX}*.tmp", ".final.*.tmp"):
+            for p in out_dir.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def find_resume(resume, out_dir):
-    """`auto`: the newest complete checkpoint in out_dir, or None; a path: that checkpoint."""
+    """`auto`: the newest checkpoint in out_dir that verifies, or None when there is none at all;
+    a path: that checkpoint, which must verify. Damaged checkpoints are skipped with a warning."""
     if not resume:
         return None
     if resume == "auto":
-        found = list_checkpoints(out_dir)
-        return found[-1] if found else None
+        found, damaged = list_checkpoints(out_dir), []
+        for path in reversed(found):
+            problem = verify(path)
+            if problem is None:
+                _warn_unverified(path)
+                return path
+            log.warning("%s: damaged, not resuming from it: %s", path.name, problem)
+            damaged.append(problem)
+        if damaged:
+            raise UserError(f"{out_dir}: no checkpoint to resume from is intact ({'; '.join(damaged)}); "
+                            "move them away to start afresh")
+        return None
     path = Path(resume)
-    if not (path / STATE).is_file():
-        raise UserError(f"{path}: not a complete checkpoint (no {STATE})")
+    problem = verify(path)
+    if problem is not None:
+        raise UserError(f"{problem}; cannot resume from {path}")
+    _warn_unverified(path)
     return path
 
 
+def _warn_unverified(path):
+    if not (Path(path) / MANIFEST).exists():
+        log.warning("%s: written by an older dpokit without %s: its files cannot be verified", path, MANIFEST)
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore weights, optimizer and RNG states; return the trainer state."""
+    """Restore weights, optimizer and RNG states; return the trainer state. Any failure to read the
+    files (one that verify() could not foresee, e.g. an older checkpoint without a manifest) is one
+    UserError naming the checkpoint."""
+    path = Path(path)
+    try:
+        return _load(path, model, optimizer)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 (SafetensorError, UnpicklingError, RuntimeError...: its files')
+        raise UserError(f"{path}: cannot load checkpoint ({type(e).__name__}: {_reason(e)})") from None
+
+
+def _load(path: Path, model, optimizer) -> dict:
     from safetensors.torch import load_file
 
-    path = Path(path)
     if (path / "adapter_model.safetensors").is_file():  # a LoRA run: only the adapters are trained
         from peft import set_peft_model_state_dict
 

@@ -32,6 +32,7 @@ from dpokit.precision import resolve_for as resolve_precision
 from dpokit.report import Reporter, log
 from dpokit.train import checkpoint
 from dpokit.train.checkpoint import fault_point
+from dpokit.train.lock import RunLock, check_free
 
 
 # --- devices and ranks --------------------------------------------------------------------------------
@@ -231,6 +232,8 @@ def check_output_dir(cfg, n_params: int = 0):
         p = p.parent
     if not p.is_dir() or not os.access(p, os.W_OK):
         raise UserError(f"{cfg.output_dir}: output_dir is not writable")
+    if os.environ.get("RANK", "0") == "0":  # (rank 0's own lock, taken in train(), is no other run)
+        check_free(cfg.output_dir)  # another live run writes there: say so now, not after loading the model
     if n_params:
         need = n_params * 4 * 3  # fp32 weights + two optimizer moments, written next to the previous checkpoint
         free = shutil.disk_usage(p).free
@@ -240,7 +243,8 @@ def check_output_dir(cfg, n_params: int = 0):
 
 
 class StopSignal:
-    """SIGINT / SIGTERM: finish the current step, checkpoint, and exit (a second signal exits at once)."""
+    """SIGINT / SIGTERM: finish the current step, checkpoint, and exit (a second signal exits at once,
+    with that signal's code: 130 for SIGINT, 143 for SIGTERM)."""
 
     def __init__(self):
         self.received = None
@@ -253,7 +257,7 @@ class StopSignal:
 
     def handle(self, signum, frame):
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise Interrupted(signal.Signals(signum).name, at_once=True)
         self.received = signal.Signals(signum).name
         log.warning("%s received: finishing this step, then saving a checkpoint", self.received)
 
@@ -275,9 +279,47 @@ def check_resumable(cfg, state, path):
                         f"(checkpoint has {', '.join(f'{k}={saved[k]!r}' for k in diff)})")
 
 
+def all_finite(params) -> bool:
+    """Whether every value of every tensor is finite: one max-abs per tensor (no overflow, unlike a
+    sum of squares; NaN propagates through max), one host sync."""
+    params = [p.detach() for p in params]
+    if not params:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf"))).max()))
+
+
 def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, ranks: Dist, save_fn=None):
     """Run the optimisation described by `cfg`; checkpoint every save_steps and at the end; save the
-    final model to cfg.output_dir (rank 0). Resumes from a checkpoint when cfg.resume says so."""
+    final model to cfg.output_dir (rank 0). Resumes from a checkpoint when cfg.resume says so.
+
+    Rank 0 holds output_dir's lock (train/lock.py) from before it reads a checkpoint until the final
+    model is written; a second run on the same output_dir stops before writing anything. An
+    output_dir this call created is removed again when the run fails before writing into it."""
+    out = Path(cfg.output_dir)
+    lr = getattr(cfg, "learning_rate", 0.0)
+    if not lr < torch.finfo(torch.float32).max:  # torch's optimizers would raise on the first step
+        raise UserError(f"key 'learning_rate': {lr} does not fit in float32")
+    created = not out.exists()
+    lock, refused = RunLock(out), None
+    if ranks.main:
+        try:
+            lock.acquire()
+        except UserError as e:
+            refused = e
+    # every rank stops when rank 0 could not take the lock
+    if ranks.world > 1 and all_reduce_sum(torch.tensor([float(refused is not None)])).item() and refused is None:
+        refused = UserError(f"{out}: output_dir is in use by another run (rank 0 could not lock it)")
+    if refused is not None:
+        raise refused
+    try:
+        return _train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, ranks, save_fn)
+    finally:
+        lock.release()
+        if created and ranks.main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def _train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, ranks: Dist, save_fn=None):
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     model.to(ranks.device)
@@ -310,7 +352,8 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.sweep_temporary(out)
         save_config(cfg, out / "config.yaml")
-        truncate_metrics(out / "metrics.jsonl", start_step)
+        # resumed from the final checkpoint: its evaluation runs again below, so its old row goes
+        truncate_metrics(out / "metrics.jsonl", start_step, drop_eval=start_step == total)
     reporter = Reporter(out, total, enabled=ranks.main, progress_bar=cfg.progress_bar, initial=start_step)
     log.info("training: %d examples, %d optimizer steps of %d x %d x %d examples, %d held-out examples",
              len(train_examples), total, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
@@ -325,12 +368,16 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
                  "window": window.state(), "window_tokens": window_tokens, "grad_norms": grad_norms,
                  "config": to_dict(cfg), "step_state": step.state_dict() if hasattr(step, "state_dict") else {}}
 
+        if not all_finite(raw_model.parameters()):  # (never: every step checks; a checkpoint must not be the first)
+            raise UserError(f"step {step_no}: refusing to save a checkpoint of non-finite weights")
+
         def write(directory):
             save_fn(raw_model, directory)
             if hasattr(step, "save_state"):
                 step.save_state(directory)
         path = None
         if ranks.main and save_fn:
+            reporter.sync()  # the metric rows up to this step are on disk before the checkpoint is
             path = checkpoint.save_checkpoint(out, step_no, write, optimizer, state, cfg.save_total_limit)
         if dist.is_initialized():
             dist.barrier()
@@ -353,6 +400,11 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
             if math.isfinite(grad_norm) and math.isfinite(step_loss):
                 optimizer.step()
+                if not all_finite(params):  # finite gradients, yet e.g. a huge learning_rate overflowed
+                    last = checkpoint.list_checkpoints(out)
+                    raise UserError(f"stopped at step {step_no}: the optimizer step made the weights non-finite "
+                                    f"(lower learning_rate); nothing of this step was saved; last good "
+                                    f"checkpoint: {last[-1] if last else 'none'}")
                 if hasattr(step, "after_optimizer_step"):
                     step.after_optimizer_step(step_no, raw_model)
                 nonfinite = 0
@@ -393,18 +445,45 @@ def train(cfg, model, tokenizer, step, train_examples, eval_examples, collate, r
                 path = save_checkpoint(step_no)
                 reporter.close()
                 raise Interrupted(stop.received, path)
-    run_eval(total)
-    save_checkpoint(total)
-    reporter.close()
-    if ranks.main and save_fn:
-        raw_model = save_fn(raw_model, out, final=True) or raw_model  # (a LoRA model comes back merged)
+        # a first signal from here on just lets the run finish; a second still stops at once
+        run_eval(total)
+        last = save_checkpoint(total)
+        reporter.close()
+        if ranks.main and save_fn:
+            if not all_finite(raw_model.parameters()):
+                raise UserError(f"refusing to save non-finite weights to {out}")
+            raw_model = checkpoint.save_final(out, lambda d: save_fn(raw_model, d, final=True), last) \
+                or raw_model  # (a LoRA model comes back merged)
     return raw_model
 
 
-def truncate_metrics(path: Path, step: int):
-    """On resume, drop the lines a killed run wrote after its checkpoint; on a fresh start, all of them."""
+def truncate_metrics(path: Path, step: int, drop_eval: bool = False):
+    """On resume, drop the lines a killed run wrote after its checkpoint; on a fresh start, all of them.
+
+    A line that does not parse (a torn last line: the run was killed mid-write) is dropped with a
+    warning. `drop_eval` also drops the evaluation rows of `step` itself (resuming from the final
+    checkpoint, whose evaluation runs again). The file is replaced atomically."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if step and line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(keep), encoding="utf-8")
+    keep = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True) if step else []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step", 0), (int, float)):
+            log.warning("%s: line %d is not a metrics row (%s), dropped", path, i,
+                        "torn by a kill mid-write" if i == len(lines) else "damaged")
+            continue
+        row_step = row.get("step", 0)
+        if row_step > step:
+            continue
+        if drop_eval and row_step == step and any(k.startswith("eval/") for k in row):
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
