@@ -393,6 +393,20 @@ def test_disk_full_during_the_final_save_then_resume(baseline, tiny_model_dir, d
     same_as_baseline(out, baseline)
 
 
+def test_final_save_replaces_an_earlier_models_shards(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for stale in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "metrics.jsonl"):
+        (out / stale).write_text("old")
+
+    def write(d):
+        (d / "model.safetensors").write_text("new")
+        return "merged"
+    assert checkpoint.save_final(out, write) == "merged"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "new"
+
+
 # --- metrics.jsonl across kills ---------------------------------------------------------------------------
 
 def test_torn_last_metrics_line_is_dropped_on_resume(baseline, run_copy, tiny_model_dir, data, cli, caplog):

@@ -37,6 +37,7 @@ log = logging.getLogger("dpokit")
 PREFIX = "checkpoint-"
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "adapter_model*.safetensors")
 FORMAT = 2  # trainer_state["checkpoint_format"]: 2 = has a manifest (format 1, before it, has no such key)
 
 
@@ -165,6 +166,11 @@ def save_final(out_dir: Path, save_model, last_checkpoint=None):
         fault_point("save:final")
         _set_modes(tmp)
         _fsync_dir(tmp)
+        new = {p.name for p in tmp.iterdir()}
+        for pattern in WEIGHT_FILES:  # an earlier model's other shards (save_pretrained removes them too)
+            for old in out_dir.glob(pattern):
+                if old.name not in new and old.is_file():
+                    old.unlink()
         for p in sorted(tmp.iterdir()):
             target = out_dir / p.name
             if p.is_dir() and target.is_dir():
