@@ -111,7 +111,7 @@ def test_same_seed_same_trajectory(tiny_model_dir, pref_dir, tmp_path):
 def test_torchrun_two_ranks_match_one_process(tiny_model_dir, pref_dir, tmp_path):
     """2 ranks x 2 pairs see the same examples as 1 process x 4 pairs (rank r takes order[r::2]), so the
     first step's loss, the all-reduced metrics and the saved weights agree."""
-    common = [f"model={tiny_model_dir}", f"dataset={pref_dir}", "max_steps=2", "logging_steps=1",
+    common = [f"model={tiny_model_dir}", f"dataset={pref_dir}", "max_steps=2", "logging_steps=1", "precision=fp32",
               "learning_rate=1e-3", "progress_bar=false", "max_eval_examples=2"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dpokit.cli",
                         "dpo", *common, f"output_dir={tmp_path / 'ddp'}", "per_device_train_batch_size=2"],
