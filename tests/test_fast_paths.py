@@ -15,9 +15,11 @@ from dpokit.train import dpo
 
 
 def run_dpo(tiny_model_dir, pref_dir, out, **kw):
+    """fp32 unless told otherwise: the fast paths give the padded run's numbers to fp32 rounding; under bf16
+    (what precision=auto picks on a CPU with avx512_bf16) layouts round differently."""
     cfg = DPOConfig(model=str(tiny_model_dir), dataset=str(pref_dir), output_dir=str(out),
                     per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, progress_bar=False,
-                    max_eval_examples=4, optimizer="rmsprop", **{"max_steps": 3, **kw})
+                    max_eval_examples=4, optimizer="rmsprop", **{"max_steps": 3, "precision": "fp32", **kw})
     return dpo.run(cfg)
 
 
@@ -69,6 +71,24 @@ def test_precomputed_reference_is_cached_across_a_beta_sweep(padded_run, tiny_mo
     assert list((tmp_path / "cache" / "ref_logps").iterdir()) == files and files[0].stat().st_mtime_ns == stamp
     run_dpo(tiny_model_dir, data, tmp_path / "b3", precompute_ref_log_probs=True, max_length=40)
     assert len(list((tmp_path / "cache" / "ref_logps").iterdir())) == 2  # other tokenization: another key
+
+
+@pytest.mark.parametrize("layout", [{}, {"padding_free": True, "prefix_sharing": True}], ids=["padded", "shared"])
+def test_precomputed_reference_under_bf16(padded_run, tiny_model_dir, tmp_path, monkeypatch, layout):
+    """bf16 with the reference precomputed: held-out pairs are cached in the evaluation's own batches, so
+    the first evaluation (policy = pi_ref) gives exactly zero rewards; training's random batches round
+    a little differently in bf16, so the first step's rewards are near zero, not exactly zero (see
+    refcache's docstring for the bound on a real model)."""
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    data, _ = padded_run
+    out = tmp_path / "bf16"
+    run_dpo(tiny_model_dir, data, out, precision="bf16", precompute_ref_log_probs=True, max_steps=1,
+            per_device_eval_batch_size=3, eval_steps=1, **layout)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first_eval = next(r for r in rows if "eval/rewards/margins" in r)
+    assert first_eval["eval/rewards/chosen"] == first_eval["eval/rewards/rejected"] == 0.0
+    first_step = train_rows(out)[0]
+    assert abs(first_step["rewards/chosen"]) < 1e-3 and abs(first_step["rewards/rejected"]) < 1e-3
 
 
 def test_lora_trains_against_its_base_and_saves_a_merged_model(padded_run, tiny_model_dir, tmp_path):

@@ -3,10 +3,18 @@
 - implicit-reward accuracy and margin: beta * log(pi/pi_ref) on held-out preference pairs (the
   reference's implicit reward is 0 for every response, so its accuracy is chance, 0.5, by definition:
   a tie counts half);
-- ground-truth reward of samples: one sampled response per held-out prompt from each model, scored by
-  a reward function (VADER sentiment by default), mean with its standard error;
-- KL(pi || pi_ref) estimated on the policy's samples as the mean of the sequence log-ratio
-  log pi(y|x) - log pi_ref(y|x), with its standard error.
+- ground-truth reward of samples: one sampled response per held-out prompt from each model at
+  `temperature` and `top_p` (top-k off), scored by a reward function (VADER sentiment by default), mean
+  with its standard error;
+- KL(pi || pi_ref) of the untempered models, over responses of at most max_new_tokens tokens: the mean
+  of the sequence log-ratio log pi(y|x) - log pi_ref(y|x) on a separate sample y ~ pi per prompt drawn
+  at temperature 1 (top_p 1, top-k off), with its standard error. Not on the reward's samples: those
+  come from the tempered pi_T, under which the mean untempered log-ratio is the KL of nothing, off by a
+  problem-dependent amount in either direction (at T = 0.7: +41-49% on a tiny model in a review, +43%
+  and +21% on the two problems of tests/test_numerics.py). The KL samples are drawn and scored
+  in fp32 whatever `precision` is, so that they come from the very distribution whose log-probs are
+  scored (the held-out log-probs and the reward's samples use `precision`; under bf16 the output layer
+  still runs in fp32, see logprobs.py).
 """
 
 import json
@@ -19,7 +27,7 @@ from dpokit import models
 from dpokit.data.batch import collate_padded
 from dpokit.data.load import load_pairs
 from dpokit.data.tokenize import TokenizedPair, explicit_prompt, tokenize_dataset
-from dpokit.generate import sample_responses
+from dpokit.generate import device_of, sample_responses
 from dpokit.logprobs import sequence_logps
 from dpokit.report import log
 from dpokit.rewards import get_reward_fn
@@ -62,9 +70,30 @@ def sample(model, tokenizer, prompts: list, max_new_tokens, temperature, top_p, 
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids], ids
 
 
+KL_ESTIMATOR = ("KL(pi || pi_ref) of the untempered models over responses of at most max_new_tokens tokens: "
+                "the mean of log pi(y|x) - log pi_ref(y|x) over one sample y ~ pi per prompt, drawn at "
+                "temperature 1, top_p 1, top-k off (not the reward's samples), drawn and scored in fp32")
+
+
+@torch.no_grad()
+def kl_samples(policy, reference, tokenizer, prompts: list, max_new_tokens: int, seed: int,
+               batch_size: int = 32) -> list:
+    """Per-sample log pi(y|x) - log pi_ref(y|x), y ~ pi(.|x) at temperature 1 with top_p 1 and top-k off,
+    one per prompt: their mean is an unbiased estimate of KL(pi || pi_ref) between the untempered
+    models' distributions over responses of at most max_new_tokens tokens (a response cut there stands
+    for the event "these first tokens", whose probability is what its log-prob sums). Autocast is off
+    for the sampling and the scoring alike: both see the same fp32 distribution."""
+    with torch.autocast(device_of(policy).type, enabled=False):
+        set_seed(seed)
+        ids = sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                               batch_size=batch_size)
+        return sampled_kl(policy, reference, prompts, ids, tokenizer.pad_token_id)
+
+
 @torch.no_grad()
 def sampled_kl(policy, reference, prompts, responses, pad_id, batch_size=16):
-    """Per-sample log pi(y|x) - log pi_ref(y|x) for y ~ pi: its mean estimates KL(pi || pi_ref)."""
+    """Per-sample log pi(y|x) - log pi_ref(y|x) for given responses: for y ~ pi (untempered: see
+    kl_samples) its mean estimates KL(pi || pi_ref)."""
     pairs = [TokenizedPair(p, r, r) for p, r in zip(prompts, responses) if r]
     out = []
     for i in range(0, len(pairs), batch_size):
@@ -103,18 +132,23 @@ def run(cfg) -> dict:
         sampled_rewards = {}
         for name, model in (("reference", reference), ("policy", policy)):
             with autocast(device, cfg.precision):
-                texts, ids = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                    cfg.seed)
+                texts, _ = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                  cfg.seed)
             rewards = sampled_rewards[name] = reward_fn(prompt_texts, texts)
             m, se = mean_se(rewards)
-            kl, kl_se = mean_se(sampled_kl(model, reference, prompts, ids, pad))
-            results[name].update({"reward": m, "reward_se": se, "kl": kl, "kl_se": kl_se,
+            results[name].update({"reward": m, "reward_se": se,
                                   "samples": [{"prompt": p, "response": t, "reward": r}
                                               for p, t, r in list(zip(prompt_texts, texts, rewards))[:8]]})
+        # the reference's KL to itself is 0 exactly; the policy's on its own samples at temperature 1
+        kl, kl_se = mean_se(kl_samples(policy, reference, tokenizer, prompts, cfg.max_new_tokens, cfg.seed))
+        results["reference"].update(kl=0.0, kl_se=0.0)
+        results["policy"].update(kl=kl, kl_se=kl_se)
+        results["kl_estimator"] = KL_ESTIMATOR
         results["policy"]["win_rate"], results["policy"]["win_rate_se"] = win_rate(sampled_rewards["policy"],
                                                                                  sampled_rewards["reference"])
         results["reward_fn"] = cfg.reward
         results["num_samples"] = len(prompts)
+        results["temperature"], results["top_p"] = cfg.temperature, cfg.top_p
     out = Path(cfg.output_file) if cfg.output_file else Path(cfg.model) / "eval.json"
     if out.parent.is_dir():
         out.write_text(json.dumps(results, indent=2))
@@ -140,6 +174,10 @@ def table(results) -> str:
                 v += f" ± {r[key + '_se']:.3f}"
             cells.append(f"{v:>22}")
         lines.append(f"{name:<10}" + "".join(cells))
+    if "reward_fn" in results:
+        lines.append(f"(reward: samples at temperature {results.get('temperature', '?')}, top_p "
+                     f"{results.get('top_p', '?')}; KL: the untempered models' KL(pi||ref), on separate "
+                     f"samples at temperature 1)")
     return "\n".join(lines)
 
 

@@ -13,7 +13,9 @@ Output: one JSON line per prompt,
 
 Sampling is ancestral sampling from the model's own distribution by default: temperature 1, top_p 1
 and top_k 0 (off; transformers' generate would otherwise apply its global default top_k=50). Batched,
-left-padded; each response is cut after its first EOS.
+left-padded; each response is cut after its first EOS. Under bf16 autocast the output layer still runs
+in fp32 (logprobs.fp32_output_layer), as it does where dpokit scores log-probs, so the samples come from
+the distribution that is scored, up to the bf16 rounding of the rest of the model.
 """
 
 import json
@@ -27,6 +29,7 @@ import torch
 
 from dpokit.config import PRECISIONS, opt
 from dpokit.errors import UserError
+from dpokit.logprobs import fp32_output_layer
 
 
 @dataclass
@@ -77,8 +80,10 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, tempe
             T = max(len(p) for p in chunk)
             input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in chunk], device=device)     # (b, T)
             attention = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in chunk], device=device)
-            generated = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                       pad_token_id=pad, eos_token_id=eos, **sampling)
+            with fp32_output_layer(model):
+                generated = model.generate(input_ids=input_ids, attention_mask=attention,
+                                           max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                                           **sampling)
             for row in generated[:, T:].tolist():
                 out.append(row[: row.index(eos) + 1] if eos in row else row)
     finally:

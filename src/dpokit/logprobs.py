@@ -1,12 +1,23 @@
 """Per-sequence log-probabilities log pi(y|x) = sum_t log pi(y_t | x, y_<t), over response tokens only.
 
-The logits are cast to fp32 before the log-softmax, for the policy and the reference alike: in bf16
-a 50k-way log-softmax loses the small differences that the DPO loss is made of. Only the positions
-that predict a response token are sent through the log-softmax (prompt and padding positions are
-dropped first), which also keeps the fp32 copy of the logits small.
+How the numbers are kept accurate (each measured against a float64 forward of the same model in
+tests/test_layouts.py and tests/test_logprobs.py):
+- The output layer runs in fp32 whatever the autocast (`fp32_head`, on by default): the hidden states
+  are upcast and multiplied by the fp32 head weight. Under bf16 autocast the model's own lm_head would
+  round every logit to bf16 (8 bits of mantissa: ~0.04 on a logit of 10). The rest of the model still
+  runs in bf16, and its rounding stays: on the embedded SmolLM2-135M (32-token responses) a sequence's
+  log-prob is 0.137 nats off fp32 on average with the bf16 head (max 0.33), 0.085 with the fp32 head
+  (max 0.27). For exact log-probs, use precision fp32.
+- A token's log-prob is logit[target] - logsumexp(logits), in fp32. torch's fp32 `log_softmax` on CPU
+  sums the exponentials in a way that loses the small terms of a peaked distribution (the tail under
+  a max ~20 nats above it): it reads high by ~3-9e-6 per token, ~5e-4 on a 200-token response;
+  `logsumexp` reduces with a pairwise sum and is within ~1e-6 of float64 per token.
+- A sequence's token log-probs are summed in float64 and rounded to fp32 once.
+Only the positions that predict a response token get logits at all (prompt and padding positions are
+dropped first, by `logits_to_keep` where the model has it), which also keeps the fp32 logits small.
 
 `sequence_logps` reads every batch layout of data/batch.py and data/layouts.py (see docs/layouts.md):
-- padded: one forward over (2B, T) with the 2D attention mask; `gather_logps` shifts by one.
+- padded: one forward over (2B, T) with the 2D attention mask; position t predicts token t+1.
 - packed: position ids that restart at each sequence and no attention mask, so transformers builds the
   block-diagonal causal mask itself (masking_utils.find_packed_sequence_indices).
 - prefix-shared: an explicit 4D mask (layouts.prefix_shared_mask), as bool for sdpa, additive for eager.
@@ -17,6 +28,7 @@ dropped first), which also keeps the fp32 copy of the logits small.
   given and lets it compute logits for a single position, which checks our head against the model's.
 """
 
+import contextlib
 import inspect
 import weakref
 
@@ -27,6 +39,20 @@ from dpokit.data.layouts import prefix_shared_mask
 from dpokit.errors import UserError
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (..., V), targets (...) -> log softmax(logits)[target] (...) in fp32, as
+    logit[target] - logsumexp(logits): accurate to ~1e-6 where fp32 `log_softmax` reads high (above)."""
+    logits = logits.float()
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def sum_per_sequence(token_logps: torch.Tensor, sequences: torch.Tensor, n: int) -> torch.Tensor:
+    """(M,) token log-probs, (M,) sequence index -> (n,) fp32 sums, accumulated in float64 (a 1000-token
+    fp32 running sum drifts by ~1e-4)."""
+    total = torch.zeros(n, dtype=torch.float64, device=token_logps.device)
+    return total.index_add(0, sequences, token_logps.double()).float()
+
+
 def gather_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
     """logits (N, T, V) of a causal LM on input_ids (N, T) -> (logps (N,), n_tokens (N,)).
 
@@ -34,30 +60,24 @@ def gather_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch
     """
     targets = input_ids[:, 1:]                            # (N, T-1)
     mask = loss_mask[:, 1:].bool()                        # (N, T-1)
-    picked = logits[:, :-1][mask].float()                 # (M, V) response positions only
-    token_logps = picked.log_softmax(-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (M,)
     row = mask.nonzero()[:, 0]                            # (M,) which sequence each token is in
-    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=logits.device)
-    logps = logps.index_add(0, row, token_logps)
+    logps = sum_per_sequence(token_logps(logits[:, :-1][mask], targets[mask]), row, input_ids.shape[0])
     return logps, mask.sum(-1)
 
 
-def sequence_logps(model, batch: dict, chunk_size: int | None = None):
+def sequence_logps(model, batch: dict, chunk_size: int | None = None, fp32_head: bool = True):
     """One forward pass over the batch -> (logps (2B,), n_response_tokens (2B,)): chosen of pairs 0..B-1,
-    then rejected, whatever the layout. chunk_size: compute the lm_head that many positions at a time."""
-    layout = batch.get("layout", "padded")
-    if layout == "padded" and chunk_size is None:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return gather_logps(out.logits, batch["input_ids"], batch["loss_mask"])
+    then rejected, whatever the layout. chunk_size: compute the lm_head that many positions at a time.
+    fp32_head: under autocast, compute the output layer in fp32 all the same (see the module docstring;
+    False: the model's own head in the autocast dtype, ~0.1 nats of noise per sequence in bf16)."""
     positions, targets, sequences = response_targets(batch)                            # each (M,)
     inputs = model_inputs(model, batch)
     if chunk_size is None:
-        token_logps = token_logps_from_logits(model, inputs, positions, targets)
+        token_lp = token_logps_from_logits(model, inputs, positions, targets, fp32_head)
     else:
-        token_logps = chunked_token_logps(model, inputs, positions, targets, chunk_size)
-    n = 2 * batch["num_examples"]
-    logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, sequences, token_logps)
-    return logps, torch.bincount(sequences, minlength=n)
+        token_lp = chunked_token_logps(model, inputs, positions, targets, chunk_size, fp32_head)
+    n = batch["input_ids"].shape[0] if batch.get("layout", "padded") == "padded" else 2 * batch["num_examples"]
+    return sum_per_sequence(token_lp, sequences, n), torch.bincount(sequences, minlength=n)
 
 
 # --- what the model is given, and which of its outputs count -------------------------------------------
@@ -135,13 +155,49 @@ def kept_positions(model, positions: torch.Tensor, shape):
     return columns, rows
 
 
-def token_logps_from_logits(model, inputs: dict, positions, targets) -> torch.Tensor:
+def token_logps_from_logits(model, inputs: dict, positions, targets, fp32_head: bool = True) -> torch.Tensor:
     """log pi(target) for each response token, (M,), from the model's own logits at the kept positions."""
     keep, rows = kept_positions(model, positions, inputs["input_ids"].shape)
     extra = {} if keep is None else {"logits_to_keep": keep}
-    logits = model(**inputs, use_cache=False, **extra).logits                          # (N, K, V)
-    picked = logits.flatten(0, 1)[rows].float()                                        # (M, V)
-    return picked.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    with fp32_output_layer(model, fp32_head):
+        logits = model(**inputs, use_cache=False, **extra).logits                      # (N, K, V)
+    return token_logps(logits.flatten(0, 1)[rows], targets)                            # (M,)
+
+
+@contextlib.contextmanager
+def fp32_output_layer(model, enabled: bool = True):
+    """Within it, the model's output layer computes its logits in fp32 even under autocast: hidden states
+    upcast, the fp32 head weight, autocast off for that one matmul. Whatever the model does to the logits
+    afterwards (a soft-cap, a scale) still happens, to the fp32 logits. A no-op without autocast, or when
+    the head's weights are not fp32 (a model loaded in bf16 has no fp32 head to use). For a plain
+    nn.Linear head the model's own call is given a single position, so the bf16 logits it would have
+    computed and thrown away cost nothing.
+    """
+    head = unwrap(model).get_output_embeddings() if enabled else None
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dtype != torch.float32 or not torch.is_autocast_enabled(weight.device.type):
+        yield
+        return
+    device, plain, given = weight.device.type, type(head) is torch.nn.Linear, []
+
+    def take_input(module, args):
+        given.append(args[0])                                  # (..., H)
+        if plain:
+            return (args[0].reshape(-1, args[0].shape[-1])[:1],) + args[1:]
+
+    def fp32_logits(module, args, output):
+        h = given.pop()
+        with torch.autocast(device, enabled=False):
+            if plain:
+                return F.linear(h.float(), module.weight, module.bias)              # (..., V) fp32
+            return module.forward(h.float())                   # e.g. a LoRA-wrapped head, fp32 weights
+
+    hooks = [head.register_forward_pre_hook(take_input), head.register_forward_hook(fp32_logits)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # --- the chunked lm_head ---------------------------------------------------------------------------------
@@ -167,7 +223,8 @@ def output_head(model):
 _CHECKED_HEADS = weakref.WeakSet()  # models whose logits we have once reproduced from their hidden states
 
 
-def chunked_token_logps(model, inputs: dict, positions, targets, chunk_size: int) -> torch.Tensor:
+def chunked_token_logps(model, inputs: dict, positions, targets, chunk_size: int,
+                        fp32_head: bool = True) -> torch.Tensor:
     """log pi(target) for each response token, (M,), never holding more than chunk_size rows of logits."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise UserError(f"logprob_chunk_size must be a positive integer, got {chunk_size!r}")
@@ -193,7 +250,8 @@ def chunked_token_logps(model, inputs: dict, positions, targets, chunk_size: int
     if inner not in _CHECKED_HEADS:
         check_head(inner, hidden[:1], out.logits, head, scale, softcap)
         _CHECKED_HEADS.add(inner)
-    return ChunkedTokenLogps.apply(hidden[rows], head.weight, head.bias, targets, chunk_size, scale, softcap)
+    return ChunkedTokenLogps.apply(hidden[rows], head.weight, head.bias, targets, chunk_size, scale, softcap,
+                                   fp32_head)
 
 
 @torch.no_grad()
@@ -220,7 +278,7 @@ def head_logits(h, weight, bias, scale: float, softcap):
 
 class ChunkedTokenLogps(torch.autograd.Function):
     """hidden (M, H), head weight (V, H), bias (V,) or None, targets (M,) -> log softmax(logits)[target],
-    (M,) in fp32.
+    (M,) in fp32, as logit[target] - logsumexp(logits).
 
     Forward and backward both walk the M positions chunk_size at a time and keep nothing of a chunk's
     (chunk, V) logits once it is done: the backward recomputes them from the saved hidden states, which
@@ -228,20 +286,24 @@ class ChunkedTokenLogps(torch.autograd.Function):
     With l = logits of one position and g the incoming gradient of its log-prob,
         d log softmax(l)[t] / d l = onehot(t) - softmax(l),
     chained through the soft-cap and scale, then into h (dl @ W), W (dl^T @ h) and b (sum of dl).
-    The matmuls run in the autocast dtype when autocast is on, in both passes (the backward runs outside
-    the autocast region, so the dtype is recorded); the weight gradient is accumulated in fp32.
+    The matmuls run in the weight's dtype (fp32_head, the default) or, with fp32_head=False, in the
+    autocast dtype when autocast is on, in both passes (the backward runs outside the autocast region,
+    so the dtype is recorded; autocast is switched off around the matmuls so that it can't override
+    it); the weight gradient is accumulated in fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, fp32_head=True):
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        autocast = torch.is_autocast_enabled(device) and not fp32_head
+        dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)      # (M,)
         c = chunk_size
-        for s in range(0, hidden.shape[0], c):
-            logits, _ = head_logits(hidden[s: s + c], w, b, scale, softcap)                 # (c, V) fp32
-            out[s: s + c] = logits.gather(-1, targets[s: s + c, None]).squeeze(-1) - logits.logsumexp(-1)
+        with torch.autocast(device, enabled=False):
+            for s in range(0, hidden.shape[0], c):
+                logits, _ = head_logits(hidden[s: s + c], w, b, scale, softcap)             # (c, V) fp32
+                out[s: s + c] = token_logps(logits, targets[s: s + c])
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_size, ctx.scale, ctx.softcap, ctx.dtype = chunk_size, scale, softcap, dtype
         return out
@@ -255,17 +317,18 @@ class ChunkedTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         c = ctx.chunk_size
-        for s in range(0, hidden.shape[0], c):
-            h, t, g = hidden[s: s + c], targets[s: s + c], grad_out[s: s + c, None].float()  # (c, H) (c,) (c, 1)
-            logits, dlogits_draw = head_logits(h, w, b, ctx.scale, ctx.softcap)                # (c, V)
-            dlogits = logits.softmax(-1).mul_(-g).scatter_add_(-1, t[:, None], g)  # g (onehot(t) - softmax)
-            draw = dlogits.mul_(ctx.scale if dlogits_draw is None else dlogits_draw)  # w.r.t. h W^T + b, fp32
-            if need_b:
-                grad_b += draw.sum(0)
-            draw = draw.to(ctx.dtype)
-            if need_h:
-                grad_h[s: s + c] = draw @ w                                   # (c, H)
-            if need_w:
-                grad_w += (draw.T @ h.to(ctx.dtype)).float()                               # (V, H)
+        with torch.autocast(hidden.device.type, enabled=False):          # the matmuls in ctx.dtype, always
+            for s in range(0, hidden.shape[0], c):
+                h, t, g = hidden[s: s + c], targets[s: s + c], grad_out[s: s + c, None].float()  # (c, H) (c,) (c, 1)
+                logits, dlogits_draw = head_logits(h, w, b, ctx.scale, ctx.softcap)            # (c, V)
+                dlogits = logits.softmax(-1).mul_(-g).scatter_add_(-1, t[:, None], g)  # g (onehot(t) - softmax)
+                draw = dlogits.mul_(ctx.scale if dlogits_draw is None else dlogits_draw)  # w.r.t. h W^T + b
+                if need_b:
+                    grad_b += draw.sum(0)
+                draw = draw.to(ctx.dtype)
+                if need_h:
+                    grad_h[s: s + c] = draw @ w                                               # (c, H)
+                if need_w:
+                    grad_w += (draw.T @ h.to(ctx.dtype)).float()                               # (V, H)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)

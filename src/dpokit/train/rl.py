@@ -52,7 +52,7 @@ from dpokit.data.batch import pad_right
 from dpokit.data.prompts import load_prompts, tokenize_prompt, truncate_prompt
 from dpokit.errors import UserError
 from dpokit.generate import sample_responses
-from dpokit.logprobs import unwrap
+from dpokit.logprobs import fp32_output_layer, unwrap
 from dpokit.report import log, plot_metrics
 from dpokit.rl_losses import (KLController, gae, kl_penalised_rewards, masked_mean, masked_whiten, ppo_policy_loss,
                               ppo_value_loss, rloo_advantages)
@@ -121,8 +121,14 @@ def response_batch(prompt_ids: list, responses: list, pad_id: int, device) -> di
 
 
 def token_stats(model, seqs: dict, temperature: float = 1.0, value_head: bool = False) -> dict:
-    """One forward over the sequences -> per response token (N, R): `logps` log pi(a_t|s_t) in fp32 at the
-    temperature, `entropy` of pi(.|s_t), and `values` V(s_t) from the value head on the last hidden state."""
+    """One forward over the sequences -> per response token (N, R): `logps` log pi(a_t|s_t) at the
+    temperature, `entropy` of pi(.|s_t), and `values` V(s_t) from the value head on the last hidden state.
+
+    The logits come from the output layer run in fp32 even under bf16 autocast (logprobs.fp32_output_layer)
+    and log pi = z - logsumexp(z). With the model's own bf16 head the old, new and reference log-probs
+    carried the head's rounding too: on the embedded model (32-token responses) a sequence's log-prob was
+    0.12 nats off fp32 on average (max 0.33), now 0.08 (max 0.27), the rest being the bf16 trunk's
+    rounding (precision fp32 removes it)."""
     inner = unwrap(model)
     hidden = []
     hook = inner.get_output_embeddings().register_forward_pre_hook(lambda m, args: hidden.append(args[0])) \
@@ -133,13 +139,14 @@ def token_stats(model, seqs: dict, temperature: float = 1.0, value_head: bool = 
         keep = T - int(pos.min())           # no logits (nor value-head inputs) for the prompts' positions
         extra, pos = {"logits_to_keep": keep}, pos - (T - keep)
     try:
-        logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"], use_cache=False,
-                       **extra).logits                                                       # (N, K, V)
+        with fp32_output_layer(model):        # (after the value head's hook: that one sees every position)
+            logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"], use_cache=False,
+                           **extra).logits                                                   # (N, K, V) fp32
     finally:
         if hook is not None:
             hook.remove()
     picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature  # (N, R, V)
-    logp_all = picked.log_softmax(-1)
+    logp_all = picked - picked.logsumexp(-1, keepdim=True)    # not log_softmax: see logprobs.token_logps
     out = {"logps": logp_all.gather(-1, seqs["targets"][..., None]).squeeze(-1),
            "entropy": -(logp_all.exp() * logp_all).sum(-1).detach()}
     if value_head:
