@@ -73,9 +73,10 @@ def exact_kl_two_tokens(policy, reference, prompt) -> float:
 
 
 def test_eval_kl_estimator_is_unbiased_on_an_enumerable_problem():
-    """kl_samples' mean lands within 4 standard errors of the exact KL (0.101); the old way (the reward's
-    samples at temperature 0.7, scored with untempered log-probs) lands at ~0.145, many standard errors
-    off: 43% too high, as the review found on a tiny model (41-49%)."""
+    """kl_samples' mean lands within 4 standard errors of the exact KL (measured 0.763 +- 0.013 against
+    0.766); the old way (the reward's samples at temperature 0.7, scored with untempered log-probs) lands
+    at 1.090 +- 0.012, 27 standard errors off: 42% too high, as the review found on a tiny model
+    (41-49%)."""
     policy, reference = toy_policy_and_reference()
     prompts = [[0], [3, 4]]
     exact = sum(exact_kl_two_tokens(policy, reference, p) for p in prompts) / len(prompts)

@@ -10,7 +10,7 @@
   of the sequence log-ratio log pi(y|x) - log pi_ref(y|x) on a separate sample y ~ pi per prompt drawn
   at temperature 1 (top_p 1, top-k off), with its standard error. Not on the reward's samples: those
   come from the tempered pi_T, under which the mean untempered log-ratio is the KL of nothing, off by a
-  problem-dependent amount in either direction (at T = 0.7: +41-49% on a tiny model in a review, +43%
+  problem-dependent amount in either direction (at T = 0.7: +41-49% on a tiny model in a review, +42%
   and +21% on the two problems of tests/test_numerics.py). The KL samples are drawn and scored
   in fp32 whatever `precision` is, so that they come from the very distribution whose log-probs are
   scored (the held-out log-probs and the reward's samples use `precision`; under bf16 the output layer
