@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 
-.PHONY: demo test test-slow venv clean
+.PHONY: demo test test-slow lint venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (lint and format) and the import-layer contract of pyproject.toml (imports only go down)
+lint: $(STAMP)
+	.venv/bin/ruff check src tests bench examples data
+	.venv/bin/ruff format --check src tests bench examples data
+	.venv/bin/lint-imports
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

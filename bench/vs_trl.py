@@ -149,9 +149,10 @@ def synthetic_pairs(tokenizer, n: int, seed: int, scale: float, fixed_length: in
 
 def batch_order(n: int, batch: int, steps: int, seed: int) -> list:
     """The pair indices of dpokit's first `steps` batches (its loop's own data order)."""
-    from dpokit.train import loop
+    from dpokit.train.order import micro_batches
+    from dpokit.train.runtime import Ranks
 
-    stream = loop.micro_batches(n, batch, seed, loop.Dist())
+    stream = micro_batches(n, batch, seed, Ranks())
     return [next(stream) for _ in range(steps)]
 
 
@@ -281,12 +282,13 @@ class StepClock:
 
 
 def run_dpokit(job: dict, pairs: list, work: Path) -> dict:
-    """dpokit's own loop (loop.train) with DPOStep, wired as dpokit.train.dpo.run wires it."""
+    """dpokit's own loop (loop.train) with DPOStep, wired as dpokit.dpo (commands/dpo.py) wires it."""
     from dpokit import models
-    from dpokit.config import DPOConfig
+    from dpokit.commands.dpo import DPOConfig
     from dpokit.data.layouts import collate_for, layout_name
     from dpokit.data.tokenize import TokenizedPair
-    from dpokit.train import dpo, loop, refcache
+    from dpokit.train import dpo_step, loop, refcache
+    from dpokit.train.runtime import setup_distributed
 
     fast = job["layout"] == "fast"
     cfg = DPOConfig(model=job["model_dir"], dataset="synthetic", output_dir=str(work / "out"), max_length=None,
@@ -299,13 +301,13 @@ def run_dpokit(job: dict, pairs: list, work: Path) -> dict:
                     gradient_checkpointing=job["gc"], precompute_ref_log_probs=job.get("precompute", False),
                     progress_bar=False)
     examples = [TokenizedPair(list(p), list(c), list(r), row=i) for i, (p, c, r) in enumerate(pairs)]
-    ranks = loop.setup_distributed()
+    ranks = setup_distributed()
     tokenizer = models.load_tokenizer(cfg.model)
     policy = models.load_model(cfg.model)
     models.disable_dropout(policy)
     reference = copy.deepcopy(policy).to(ranks.device)
     t0 = time.perf_counter()
-    if cfg.precompute_ref_log_probs:   # as dpo.run's first run: fingerprint, compute, write to an empty cache
+    if cfg.precompute_ref_log_probs:   # as dpokit.dpo's first run: fingerprint, compute, write to an empty cache
         os.environ["DPOKIT_CACHE"] = str(work / "cache")
         refcache.attach_reference_logps(reference, examples, cfg, tokenizer.pad_token_id, ranks.device,
                                         use_disk_cache=True)
@@ -318,7 +320,7 @@ def run_dpokit(job: dict, pairs: list, work: Path) -> dict:
 
     clock, losses, seen = StepClock(job["device"]), [], []
 
-    class TimedStep(dpo.DPOStep):
+    class TimedStep(dpo_step.DPOStep):
         def __call__(self, model, batch):
             clock.start()
             out = super().__call__(model, batch)
@@ -333,10 +335,10 @@ def run_dpokit(job: dict, pairs: list, work: Path) -> dict:
 
     def collate(batch_pairs):
         seen.append([p.row for p in batch_pairs])
-        return dpo.collate_with_reference(batch_pairs, layout)
+        return dpo_step.collate_with_reference(batch_pairs, layout)
 
     reset_peak_memory(job["device"])
-    loop.train(cfg, policy, tokenizer, TimedStep(reference, cfg), examples, [], collate, ranks, save_fn=None)
+    loop.train(cfg, policy, TimedStep(reference, cfg), examples, [], collate, ranks, save_fn=None)
     wall, cpu = clock.durations()
     return {"durations": wall, "cpu_durations": cpu, "losses": [float(x) for x in losses], "order": seen,
             "precompute_s": precompute_s, "layout": layout_name(cfg.padding_free, cfg.prefix_sharing)}

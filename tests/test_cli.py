@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import write_jsonl
+
 from dpokit.cli import main
-from dpokit.config import DPOConfig, fields_of, load_config
+from dpokit.commands.dpo import DPOConfig
+from dpokit.config import fields_of, load_config
 from dpokit.errors import UserError
 
 

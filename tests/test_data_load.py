@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import conversational_rows, standard_rows, write_jsonl
+
 from dpokit.data.load import load_pairs
 from dpokit.errors import UserError
 

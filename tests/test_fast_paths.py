@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpokit import models
-from dpokit.config import DPOConfig
-from dpokit.train import dpo
+from dpokit.commands import dpo
+from dpokit.commands.dpo import DPOConfig
 
 
 def run_dpo(tiny_model_dir, pref_dir, out, **kw):
@@ -20,7 +20,7 @@ def run_dpo(tiny_model_dir, pref_dir, out, **kw):
     cfg = DPOConfig(model=str(tiny_model_dir), dataset=str(pref_dir), output_dir=str(out),
                     per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, progress_bar=False,
                     max_eval_examples=4, optimizer="rmsprop", **{"max_steps": 3, "precision": "fp32", **kw})
-    return dpo.run(cfg)
+    return dpo.dpo(cfg).model
 
 
 def train_rows(out):

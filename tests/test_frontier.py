@@ -10,8 +10,8 @@ import time
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from dpokit.cli import main
 
 DPO_CFG = {"loss_type": ["sigmoid"], "beta": 0.1, "learning_rate": 2e-5}

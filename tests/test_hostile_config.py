@@ -4,7 +4,9 @@ file, exit code 2, no traceback, and nothing written. Valid values that look odd
 import pytest
 
 from dpokit.cli import main
-from dpokit.config import DPOConfig, EvalConfig, load_config
+from dpokit.commands.dpo import DPOConfig
+from dpokit.commands.evaluate import EvalConfig
+from dpokit.config import load_config
 
 # command-line overrides -> the text the one error line must contain
 OVERRIDES = {

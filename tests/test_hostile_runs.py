@@ -20,9 +20,11 @@ from conftest import conversational_rows, write_jsonl
 
 from dpokit import models
 from dpokit.cli import main
+from dpokit.commands import dpo
 from dpokit.errors import Interrupted, UserError
 from dpokit.report import read_metrics
-from dpokit.train import checkpoint, dpo, loop
+from dpokit.train import checkpoint, loop
+from dpokit.train.metrics import truncate_metrics
 from dpokit.train.lock import LOCK_NAME, RunLock
 
 TIMING_KEYS = {"tokens_per_second", "peak_memory_mb"}
@@ -433,7 +435,7 @@ def test_truncate_metrics_keeps_rows_up_to_the_step(tmp_path, caplog):
             {"step": 4, "eval/loss": 0.7}, {"step": 6, "loss": 0.6}]
     text = "".join(json.dumps(r) + "\n" for r in rows)
     path.write_text(text + "{oops\n" + '{"step": 7, "lo')
-    loop.truncate_metrics(path, 4, drop_eval=True)
+    truncate_metrics(path, 4, drop_eval=True)
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:3]
     assert "line 6 is not a metrics row (damaged)" in caplog.text and "line 7" in caplog.text
 

@@ -9,14 +9,23 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import conversational_rows
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import find_packed_sequence_indices
 
-from conftest import conversational_rows
 from dpokit.data.batch import collate_padded
-from dpokit.data.layouts import (CHOSEN, LAYOUTS, PROMPT, REJECTED, collate_for, collate_packed,
-                                 collate_prefix_shared, layout_name, prefix_shared_mask)
+from dpokit.data.layouts import (
+    CHOSEN,
+    LAYOUTS,
+    PROMPT,
+    REJECTED,
+    collate_for,
+    collate_packed,
+    collate_prefix_shared,
+    layout_name,
+    prefix_shared_mask,
+)
 from dpokit.data.tokenize import TokenizedPair, tokenize_pair
 from dpokit.errors import UserError
 from dpokit.logprobs import ChunkedTokenLogps, check_attention_layers, sequence_logps
@@ -137,7 +146,7 @@ def peaked_llama(vocab_size, hidden_size=32, head_std=1.0, seed=0, **kw):
 def sampled_pairs(model, tokenizer, n_pairs=4, length=200, seed=1):
     """Pairs whose chosen and rejected responses the model itself sampled (up to length tokens
     each): likely tokens, ~-2.3 nats each, as in real preference data, not random ones at ~-24."""
-    from dpokit.generate import sample_responses
+    from dpokit.sampling import sample_responses
 
     prompts = [tokenize_pair(tokenizer, r).prompt_ids for r in conversational_rows(n_pairs)]
     torch.manual_seed(seed)

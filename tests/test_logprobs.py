@@ -7,14 +7,14 @@ import copy
 
 import pytest
 import torch
+from conftest import conversational_rows
+from test_layouts import peaked_llama, sampled_pairs
 from transformers import AutoModelForCausalLM
 
-from conftest import conversational_rows
 from dpokit.data.batch import collate_padded
 from dpokit.data.layouts import collate_for
 from dpokit.data.tokenize import tokenize_pair
 from dpokit.logprobs import fp32_output_layer, gather_logps, sequence_logps, token_logps
-from test_layouts import peaked_llama, sampled_pairs
 
 
 def reference_logp(model, prompt_ids, response_ids) -> float:

@@ -7,20 +7,36 @@ import pytest
 import torch
 
 from dpokit import models
-from dpokit.config import LOSS_TYPES, DPOConfig, load_config
+from dpokit.commands import dpo
+from dpokit.commands.dpo import LOSS_TYPES, DPOConfig
+from dpokit.config import load_config
 from dpokit.losses import LOSSES
-from dpokit.train import dpo
+from dpokit.train import dpo_step
 
 
 def test_config_knows_every_loss():
     assert set(LOSS_TYPES) == set(LOSSES) | {"kto"}
 
 
+def test_docs_losses_table_is_the_registry():
+    """docs/losses.md has one row per registered loss, naming its paper and whether it reads pi_ref."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z_]+)` \|.*$", doc, flags=re.M)}
+    assert set(LOSSES) <= set(rows)
+    for name, spec in LOSSES.items():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", rows[name])]  # (not the escaped \| of |y|)
+        assert all(arxiv in rows[name] for arxiv in re.findall(r"\d{4}\.\d{5}", spec.paper)), name
+        assert cells[4] == ("yes" if spec.needs_reference else "**no**"), name
+
+
 def run_dpo(tiny_model_dir, pref_dir, out, **kw):
     cfg = DPOConfig(model=str(tiny_model_dir), dataset=str(pref_dir), output_dir=str(out),
                     per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, progress_bar=False,
                     max_eval_examples=4, **{"max_steps": 2, **kw})
-    return dpo.run(cfg)
+    return dpo.dpo(cfg)
 
 
 @pytest.mark.parametrize("loss_type", [["ipo"], ["hinge"], ["robust"], ["exo_pair"], ["bco_pair"], ["aot"],
@@ -55,7 +71,7 @@ def test_trdpo_hard_sync_copies_the_policy(tiny_model_dir):
         for p in policy.parameters():
             p.add_(1.0)
     cfg = load_config(DPOConfig, None, ["dataset=x", "ref_sync_steps=2", "ref_sync_alpha=0.25"])
-    step = dpo.DPOStep(reference, cfg)
+    step = dpo_step.DPOStep(reference, cfg)
     before = [p.clone() for p in reference.parameters()]
     step.after_optimizer_step(1, policy)  # not a sync step
     assert all(torch.equal(a, b) for a, b in zip(before, reference.parameters()))
@@ -108,6 +124,7 @@ def test_kto_on_unpaired_data(tiny_model_dir, tmp_path):
 
 def test_kto_bad_label(tiny_model_dir, tmp_path, capsys):
     from conftest import write_jsonl
+
     from dpokit.cli import main
 
     rows = kto_rows(2)
@@ -128,17 +145,17 @@ def tiny_model(tiny_model_dir):
 def test_every_loss_with_and_without_reference_free_steps(tiny_model, smol_tokenizer, loss_type, reference_free):
     """The step of every loss x reference_free gives finite losses and gradients, in training and in evaluation
     (bco_pair with reference_free once raised a TypeError at the first step, after output was written)."""
+    import copy
+
     from dpokit.data.batch import collate_padded
     from dpokit.data.tokenize import TokenizedPair
-
-    import copy
 
     policy = copy.deepcopy(tiny_model)
     cfg = load_config(DPOConfig, None, ["dataset=x", f"loss_type={loss_type}", f"reference_free={reference_free}",
                                         "label_smoothing=0.1" if loss_type == "robust" else "beta=0.1"])
     needs_reference = LOSSES[loss_type].needs_reference and not reference_free
     reference = copy.deepcopy(tiny_model).eval() if needs_reference else None
-    step = dpo.DPOStep(reference, cfg)
+    step = dpo_step.DPOStep(reference, cfg)
     ids = smol_tokenizer("Rate the film.")["input_ids"]
     pairs = [TokenizedPair(ids, [100 + i, 200, 2], [300 + i, 2]) for i in range(3)]
     batch = collate_padded(pairs, smol_tokenizer.pad_token_id)
@@ -164,15 +181,13 @@ def test_lora_policy_weights_are_the_merged_model(tiny_model):
     """TR-DPO with a LoRA policy moves the reference towards W + delta W: the merged model's weights."""
     import copy
 
-    from dpokit.config import DPOConfig
-
     cfg = DPOConfig(dataset="x", use_lora=True, lora_r=4)
     policy = models.add_lora(copy.deepcopy(tiny_model), cfg)
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_()  # B starts at zero: give the adapters a real delta
-    weights = dpo.policy_weights(policy)
+    weights = dpo_step.policy_weights(policy)
     merged = copy.deepcopy(policy).merge_and_unload()
     expected = dict(merged.named_parameters())
     expected.update((k, v) for k, v in merged.named_buffers() if v.is_floating_point())
@@ -192,8 +207,8 @@ def test_trdpo_with_lora_needs_a_separate_reference_and_runs_with_one(tiny_model
     with pytest.raises(UserError, match="ref_sync_steps': TR-DPO moves the reference, so with use_lora"):
         load_config(DPOConfig, None, ["dataset=x", "use_lora=true", "ref_sync_steps=1"])
     synced = []
-    real = dpo.soft_update_reference
-    monkeypatch.setattr(dpo, "soft_update_reference", lambda ref, pol, a: synced.append(len(pol)) or real(ref, pol, a))
+    real = dpo_step.soft_update_reference
+    monkeypatch.setattr(dpo_step, "soft_update_reference", lambda ref, pol, a: synced.append(len(pol)) or real(ref, pol, a))
     run_dpo(tiny_model_dir, pref_dir, tmp_path / "o", use_lora=True, lora_r=4, ref_model=str(tiny_model_dir),
             ref_sync_steps=1, ref_sync_alpha=0.5)
     assert len(synced) == 2  # both steps synced, and the run finished with a loadable model

@@ -13,19 +13,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import write_jsonl
+from test_layouts import peaked_llama, sampled_pairs
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import write_jsonl
-from dpokit import evaluate
-from dpokit.config import DPOConfig, EvalConfig
+from dpokit.commands import evaluate
+from dpokit.commands.dpo import DPOConfig
+from dpokit.commands.evaluate import EvalConfig, kl_samples, mean_se, sampled_kl
 from dpokit.data.layouts import collate_for
 from dpokit.data.tokenize import TokenizedPair, tokenize_pair
-from dpokit.evaluate import kl_samples, mean_se, sampled_kl
-from dpokit.generate import sample_responses
 from dpokit.logprobs import sequence_logps
-from dpokit.train import loop, refcache
-from dpokit.train.rl import response_batch, token_stats
-from test_layouts import peaked_llama, sampled_pairs
+from dpokit.sampling import sample_responses
+from dpokit.train import refcache, runtime
+from dpokit.train.rl_step import response_batch, token_stats
 
 EOS = 2
 
@@ -115,7 +115,7 @@ def test_eval_reports_the_untempered_kl(smol_tokenizer, tmp_path, monkeypatch):
     cfg = EvalConfig(model=str(dirs["policy"]), ref_model=str(dirs["reference"]),
                      dataset=str(tmp_path / "held_out.jsonl"), reward="test_numerics:length_reward",
                      num_samples=n, max_new_tokens=1, temperature=0.7, precision="fp32", output_file=str(out))
-    results = evaluate.run(cfg)
+    results = evaluate.evaluate(cfg)
     assert results["num_samples"] == n and json.loads(out.read_text())["kl_estimator"] == evaluate.KL_ESTIMATOR
     assert results["reference"]["kl"] == 0.0
     prompts = [tokenize_pair(smol_tokenizer, r).prompt_ids for r in rows]
@@ -138,7 +138,7 @@ def test_rl_token_stats_under_bf16_autocast(smol_tokenizer, monkeypatch):
     token_stats: under bf16 autocast its 100-token sequence log-probs stay within 0.073 nats of fp32 at
     temperature 1 (mean 0.053; the bf16 trunk's rounding), 0.11 at temperature 0.7 (logits / T scale the
     rounding up), where the model's own bf16 head put them up to 0.44 off (mean 0.31)."""
-    from dpokit.train import rl
+    from dpokit.train import rl_step as rl
 
     model = peaked_llama(len(smol_tokenizer))
     pairs = sampled_pairs(model, smol_tokenizer, length=100)
@@ -189,7 +189,7 @@ def live_reference_logps(model, examples, layout, batch_size, precision, order=N
     out = torch.zeros(2 * len(examples))
     for i in range(0, len(order), batch_size):
         idx = torch.tensor(order[i: i + batch_size])
-        with torch.no_grad(), loop.autocast(torch.device("cpu"), precision):
+        with torch.no_grad(), runtime.autocast(torch.device("cpu"), precision):
             logps, _ = sequence_logps(model, collate_for(layout, 0)([examples[j] for j in idx]), **kw)
         out[idx], out[idx + len(examples)] = logps[: len(idx)], logps[len(idx):]
     return out
@@ -245,7 +245,7 @@ def test_reference_cache_key_has_the_resolved_precision_and_batch_size():
     assert refcache.reference_settings(DPOConfig(dataset="x", precision="fp32"), cpu, 8) != bf16
     assert refcache.reference_settings(cfg, cpu, 4) != bf16
     auto = refcache.reference_settings(DPOConfig(dataset="x", precision="auto"), cpu, 8)
-    assert auto == refcache.reference_settings(DPOConfig(dataset="x", precision=loop.resolve_precision(cpu, "auto")),
+    assert auto == refcache.reference_settings(DPOConfig(dataset="x", precision=runtime.resolve_precision(cpu, "auto")),
                                                cpu, 8)
 
 

@@ -12,24 +12,35 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REVIEWS, conversational_rows, standard_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from conftest import REVIEWS, conversational_rows, standard_rows, write_jsonl
 from dpokit.cli import main
+from dpokit.commands.evaluate import sampled_kl, win_rate
+from dpokit.commands.pairs import make_pairs
+from dpokit.commands.rl import RLConfig
+from dpokit.commands.sft import SFTConfig
 from dpokit.config import load_config
 from dpokit.data.batch import collate_padded
 from dpokit.data.prompts import load_demonstrations, load_prompts, tokenize_demonstrations, tokenize_prompt
 from dpokit.data.tokenize import TokenizedPair, tokenize_pair
-from dpokit.evaluate import sampled_kl, win_rate
-from dpokit.generate import sample_responses
 from dpokit.logprobs import sequence_logps
-from dpokit.pairs import make_pairs
-from dpokit.rl_losses import (KLController, gae, kl_penalised_rewards, masked_whiten, ppo_policy_loss, ppo_value_loss,
-                              rloo_advantages)
+from dpokit.rl_losses import (
+    KLController,
+    gae,
+    kl_penalised_rewards,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rloo_advantages,
+)
+from dpokit.sampling import sample_responses
 from dpokit.train import loop
-from dpokit.train.reward import RewardStep
-from dpokit.train.rl import RLConfig, response_batch, token_stats
-from dpokit.train.sft import SFTConfig, SFTStep, collate_sft
+from dpokit.train.metrics import MetricSums
+from dpokit.train.rl_step import response_batch, token_stats
+from dpokit.train.rm_step import RewardStep
+from dpokit.train.runtime import Ranks
+from dpokit.train.sft_step import SFTStep, collate_sft
 
 COMMON = ["max_steps=6", "logging_steps=1", "learning_rate=1e-2", "progress_bar=false"]
 
@@ -95,7 +106,7 @@ def test_sft_loss_is_the_completion_nll(tiny, smol_tokenizer):
         for size in (4, 3):  # 3 + 1: uneven micro-batches
             tiny.zero_grad()
             micro = [collate_sft(examples[i: i + size], pad) for i in range(0, 4, size)]
-            loop.forward_backward(tiny, step, micro, loop.Dist(), "fp32", loop.MetricSums())
+            loop.forward_backward(tiny, step, micro, Ranks(), "fp32", MetricSums())
             grads.append([p.grad.clone() for p in tiny.parameters()])
         for g in grads[1:]:
             assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads[0], g)), normalization
@@ -352,9 +363,9 @@ def test_rl_trains_on_a_memorised_rollout(algorithm, tiny_model_dir, tmp_path):
                                        "max_new_tokens=5", "ppo_epochs=4", "max_steps=4", "logging_steps=1",
                                        "learning_rate=3e-3", "progress_bar=false", "adaptive_kl=true",
                                        "max_grad_norm=0"] + ([f"eval_dataset={prompts}"] if algorithm == "ppo" else []))
-    from dpokit.train import rl
+    from dpokit.commands import rl
 
-    rl.run(cfg)
+    rl.rl(cfg)
     rows = train_rows(out)
     keys = ["reward", "kl", "kl_coef", "entropy", "policy_loss", "clipfrac", "approx_kl", "response_length"]
     keys += ["value_loss", "value_clipfrac"] if algorithm == "ppo" else []

@@ -78,7 +78,7 @@ def test_cuda_follows_the_gpu_bf16_support(monkeypatch):
 
 
 def test_autocast_of_the_loop_follows_auto(monkeypatch):
-    from dpokit.train.loop import autocast
+    from dpokit.train.runtime import autocast
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(precision, "cpu_flags", lambda: AVX2_ONLY)
@@ -99,10 +99,12 @@ def test_slowdown_measurement_leaves_the_rng_alone():
 
 
 def test_config_lists_match_and_auto_is_the_default():
-    from dpokit.generate import GenerateConfig
+    from dpokit.commands.dpo import DPOConfig
+    from dpokit.commands.evaluate import EvalConfig
+    from dpokit.commands.generate import GenerateConfig
 
     assert config.PRECISIONS == precision.PRECISIONS
-    for cls in (config.DPOConfig, config.EvalConfig, GenerateConfig):
+    for cls in (DPOConfig, EvalConfig, GenerateConfig):
         assert cls.__dataclass_fields__["precision"].default == "auto"
 
 

@@ -8,14 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from dpokit.config import DPOConfig
+from dpokit.commands import dpo
+from dpokit.commands.dpo import DPOConfig
 from dpokit.errors import UserError
-from dpokit.train import checkpoint, dpo, loop
+from dpokit.train import checkpoint, loop
 
 TIMING_KEYS = {"tokens_per_second", "peak_memory_mb"}
 
@@ -133,7 +133,7 @@ def in_process(tiny_model_dir, data, out, bad, **kw):
     real = dpo.DPOStep
     dpo.DPOStep = lambda *a, **k: NaNAt(real(*a, **k), bad)
     try:
-        return dpo.run(cfg)
+        return dpo.dpo(cfg).model
     finally:
         dpo.DPOStep = real
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "sentiment"

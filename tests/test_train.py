@@ -8,14 +8,18 @@ import sys
 
 import pytest
 import torch
+from conftest import conversational_rows
 from transformers import AutoModelForCausalLM
 
-from conftest import conversational_rows, write_jsonl
-from dpokit.config import DPOConfig
+from dpokit.commands import dpo
+from dpokit.commands.dpo import DPOConfig
 from dpokit.data.batch import collate_padded
 from dpokit.data.tokenize import tokenize_pair
 from dpokit.logprobs import sequence_logps
-from dpokit.train import dpo, loop
+from dpokit.train import loop
+from dpokit.train.dpo_step import DPOStep
+from dpokit.train.metrics import MetricSums
+from dpokit.train.runtime import Ranks
 
 
 @pytest.fixture
@@ -30,7 +34,7 @@ def make_pairs(tok, n=8):
 def accumulated_grads(model, step, pairs, batch_size, pad_id):
     model.zero_grad()
     micro = [collate_padded(pairs[i: i + batch_size], pad_id) for i in range(0, len(pairs), batch_size)]
-    loop.forward_backward(model, step, micro, loop.Dist(), "fp32", loop.MetricSums())
+    loop.forward_backward(model, step, micro, Ranks(), "fp32", MetricSums())
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -39,7 +43,7 @@ def test_gradient_accumulation_4x2_equals_1x8(tiny, smol_tokenizer):
     with torch.no_grad():  # move the policy away from the reference so the loss is not at its symmetric point
         for p in tiny.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    step = dpo.DPOStep(reference, DPOConfig(dataset="unused", beta=0.5))
+    step = DPOStep(reference, DPOConfig(dataset="unused", beta=0.5))
     pairs = make_pairs(smol_tokenizer, 8)
     pairs[3].chosen_ids = pairs[3].chosen_ids * 2  # uneven lengths: padding differs between layouts
     g8 = accumulated_grads(tiny, step, pairs, 8, smol_tokenizer.pad_token_id)
@@ -84,7 +88,7 @@ def test_cli_end_to_end(tiny_model_dir, pref_dir, tmp_path):
 def test_saved_model_gives_same_logps(tiny_model_dir, pref_dir, tmp_path, smol_tokenizer):
     cfg = DPOConfig(model=str(tiny_model_dir), dataset=str(pref_dir), output_dir=str(tmp_path / "o"), max_steps=2,
                     per_device_train_batch_size=4, learning_rate=1e-3, progress_bar=False)
-    trained = dpo.run(cfg)
+    trained = dpo.dpo(cfg).model
     batch = collate_padded(make_pairs(smol_tokenizer, 4), smol_tokenizer.pad_token_id)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32).eval()
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

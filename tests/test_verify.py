@@ -5,7 +5,8 @@ closed-form optimum and cDPO stays bounded."""
 import pytest
 
 from dpokit.cli import main
-from dpokit.verify import VerifyConfig, run
+from dpokit.commands.verify import VerifyConfig
+from dpokit.commands.verify import verify as run
 
 SMALL = dict(num_pairs=4000, steps=600, tv_bound=0.04)      # over seeds 0-9 the TV was 0.018-0.030
 

@@ -1,47 +1,32 @@
-"""`dpokit <command> [--config FILE.yaml] [key=value ...]`.
+"""`dpokit <command> [--config FILE.yaml] [key=value ...]`: parses the command line and calls the
+command's function (the same function as `dpokit.<name>()` in Python) with the config it read.
 
 A UserError (bad data, bad config) becomes one line `error: ...` and exit code 2, with no traceback.
 """
 
+import importlib
 import sys
 
-import importlib
-
+from dpokit.commands import COMMANDS
 from dpokit.config import help_text, load_config
 from dpokit.errors import Interrupted, UserError
 from dpokit.report import setup_logging
 
-# command -> (config class, module with run(cfg), description); imported only when used, so that
-# `dpokit --help` and config errors answer without importing torch
-COMMANDS = {
-    "dpo": ("dpokit.config:DPOConfig", "dpokit.train.dpo", "fine-tune a causal LM with DPO (or another "
-            "preference loss) on preference pairs"),
-    "eval": ("dpokit.config:EvalConfig", "dpokit.evaluate", "a trained policy against its reference on held-out data"),
-    "verify": ("dpokit.verify:VerifyConfig", "dpokit.verify", "the losses recover DPO's closed-form optimum on an "
-               "enumerable toy"),
-    # the classic RLHF pipeline that DPO replaces (docs/pipeline.md)
-    "sft": ("dpokit.train.sft:SFTConfig", "dpokit.train.sft", "supervised fine-tuning on demonstrations (the "
-            "pi_SFT / pi_ref of DPO and RLHF)"),
-    "rm": ("dpokit.train.reward:RewardConfig", "dpokit.train.reward", "train a Bradley-Terry reward model on "
-           "preference pairs"),
-    "generate": ("dpokit.generate:GenerateConfig", "dpokit.generate", "sample responses to prompts (JSONL)"),
-    "pairs": ("dpokit.pairs:PairsConfig", "dpokit.pairs", "label sampled responses with a reward into "
-              "preference pairs"),
-    "rl": ("dpokit.train.rl:RLConfig", "dpokit.train.rl", "RLHF: PPO or RLOO against a reward model, with a "
-           "KL penalty to the reference"),
-    "frontier": ("dpokit.frontier:FrontierConfig", "dpokit.frontier", "reward-versus-KL scatter (PNG + table) "
-                 "of `dpokit eval` results, one colour per method"),
-}
+
+def command(name: str):
+    """(config class, function) of a command, importing its module."""
+    module, cls, fn, _ = COMMANDS[name]
+    module = importlib.import_module(module)
+    return getattr(module, cls), getattr(module, fn)
 
 
 def config_class(name: str):
-    module, cls = COMMANDS[name][0].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return command(name)[0]
 
 
 def usage() -> str:
     lines = ["usage: dpokit <command> [--config FILE.yaml] [key=value ...]", "", "commands:"]
-    lines += [f"  {name:<8} {doc}" for name, (_, _, doc) in COMMANDS.items()]
+    lines += [f"  {name:<8} {doc}" for name, (_, _, _, doc) in COMMANDS.items()]
     lines += ["", "`dpokit <command> --help` lists every key."]
     return "\n".join(lines)
 
@@ -68,18 +53,17 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"error: unknown command '{command}' (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command '{name}' (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
-    cls, module = config_class(command), COMMANDS[command][1]
     if "-h" in rest or "--help" in rest:
-        print(help_text(cls, command))
+        print(help_text(config_class(name), name))
         return 0
     setup_logging()
     try:
-        cfg = load_config(cls, *parse(rest))
-        importlib.import_module(module).run(cfg)
+        cls, fn = command(name)
+        fn(load_config(cls, *parse(rest)))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

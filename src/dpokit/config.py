@@ -24,11 +24,6 @@ def opt(default, help: str, choices=None, **kw):
     return field(default=default, metadata={"help": help, "choices": choices}, **kw)
 
 
-# Names of dpokit.losses.LOSSES plus the unpaired `kto` (kept here so that the CLI's help and checks
-# need not import torch; a test keeps the two lists equal).
-LOSS_TYPES = ["sigmoid", "robust", "ipo", "hinge", "nca_pair", "exo_pair", "bco_pair", "sppo_hard", "apo_zero",
-              "apo_down", "aot", "aot_pair", "discopop", "simpo", "orpo", "sft", "kto"]
-
 
 # dpokit.precision.PRECISIONS (kept here so that config answers without importing torch; a test keeps
 # the two lists equal)
@@ -98,61 +93,6 @@ class TrainConfig:
     progress_bar: bool = opt(True, "show a progress bar with ETA on the console")
 
 
-@dataclass
-class DPOConfig(TrainConfig):
-    """Direct Preference Optimization (Rafailov et al., 2023)."""
-
-    output_dir: str = opt("runs/dpo", "where the trained model, config, metrics and plots are written")
-    learning_rate: float = opt(1e-6, "peak learning rate (the DPO paper: 1e-6)")
-    beta: float = opt(0.1, "KL strength beta: implicit reward = beta * log(pi / pi_ref)")
-    label_smoothing: float = opt(0.0, "probability that a preference label is flipped (conservative DPO); 0 = DPO")
-    loss_type: typing.List[str] = opt(["sigmoid"], "preference loss, or several to add up (e.g. sigmoid,sft = "
-                                      "RPO); see docs/losses.md. `kto` takes unpaired data (prompt, "
-                                      "completion, label)", LOSS_TYPES)
-    loss_weights: typing.Optional[typing.List[float]] = opt(None, "weight of each loss in loss_type (default: all 1)")
-    reference_free: bool = opt(False, "a uniform reference (log pi_ref = 0), as in the original DPO code; "
-                               "no reference model is loaded")
-    ipo_length_normalize: bool = opt(False, "ipo on per-token average log-ratios (TRL) instead of the paper's sums")
-    simpo_gamma: float = opt(0.5, "SimPO target reward margin gamma")
-    discopop_tau: float = opt(0.05, "DiscoPOP temperature tau")
-    desirable_weight: float = opt(1.0, "KTO weight lambda_D of desirable examples")
-    undesirable_weight: float = opt(1.0, "KTO weight lambda_U of undesirable examples")
-    ref_sync_steps: int = opt(0, "TR-DPO: every this many steps pi_ref <- alpha pi + (1 - alpha) pi_ref (0: off)")
-    ref_sync_alpha: float = opt(0.6, "TR-DPO mixing weight alpha (1: copy the policy)")
-    ref_model: typing.Optional[str] = opt(None, "reference model pi_ref (default: a frozen copy of `model`; with "
-                                          "use_lora, the base model with adapters disabled)")
-    precompute_ref_log_probs: bool = opt(False, "one pass of the reference over the data before training, cached "
-                                         "on disk under a fingerprint of weights, tokenizer, data and settings and "
-                                         "reused by later runs; no reference model in memory while training")
-
-
-@dataclass
-class EvalConfig:
-    """Held-out evaluation of a trained policy against its reference."""
-
-    model: str = opt(None, "the policy to evaluate (a model directory, hub name, .gguf, or 'default')")
-    ref_model: str = opt("default", "the reference pi_ref the policy was trained from")
-    dataset: str = opt(None, "held-out preference pairs (file, `datasets` directory or name)")
-    dataset_test_split: str = opt("test", "split of `dataset` to use when it has splits")
-    max_eval_examples: typing.Optional[int] = opt(None, "use at most this many held-out pairs")
-    beta: float = opt(0.1, "beta of the implicit reward beta * log(pi / pi_ref)")
-    max_length: typing.Optional[int] = opt(1024, "as in training")
-    max_prompt_length: typing.Optional[int] = opt(512, "as in training")
-    truncation_mode: str = opt("keep_end", "as in training", ["keep_end", "keep_start"])
-    per_device_eval_batch_size: int = opt(16, "examples per batch")
-    reward: typing.Optional[str] = opt("vader", "ground-truth reward function for samples: a built-in name "
-                                       "('vader') or 'module:function'; empty to skip sampling")
-    num_samples: int = opt(64, "held-out prompts to sample one response each for")
-    max_new_tokens: int = opt(48, "maximum tokens per sampled response")
-    temperature: float = opt(0.7, "sampling temperature")
-    top_p: float = opt(1.0, "nucleus sampling threshold")
-    output_file: typing.Optional[str] = opt(None, "write the results as JSON here (default: <model>/eval.json)")
-    precision: str = opt("auto", "auto (bf16 where the device does it natively, else fp32), fp32, or bf16 "
-                         "autocast", PRECISIONS)
-    seed: int = opt(0, "seed for sampling")
-    trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
-
-
 # ---------------------------------------------------------------------------------------------------
 
 def fields_of(cls):
@@ -219,6 +159,8 @@ def coerce(key: str, value, tp, choices=None, source: str = ""):
                 raise UserError(f"{where}key '{key}': must be a finite number, got {value!r}")
         else:
             out = str(value)
+    except UserError:
+        raise
     except (TypeError, ValueError, OverflowError):
         raise UserError(f"{where}key '{key}': {_short(value)} is not a valid {base.__name__}") from None
     if choices and out not in choices:
@@ -240,9 +182,14 @@ def _unknown(key, cls, source):
     return UserError(f"{where}unknown key '{key}'{hint}; valid keys: {', '.join(names)}")
 
 
-def load_config(cls, config_file=None, overrides=()):
-    """Defaults <- YAML file <- `key=value` overrides, each value checked against its field."""
-    values = {}
+def load_config(cls, config_file=None, overrides=(), values=None, source="config", validate_now=True):
+    """Defaults <- `values` (a dict of keys, from Python) <- YAML file <- `key=value` overrides, each value
+    checked against its field; then the whole config is validated (unless validate_now is false)."""
+    given, values = values or {}, {}
+    for k, v in given.items():
+        if not isinstance(k, str):
+            raise UserError(f"{source}: key {_short(k)} is not a name (keys are strings such as 'beta')")
+        values[k] = (v, source)
     if config_file:
         path = Path(config_file)
         if not path.is_file():
@@ -269,8 +216,40 @@ def load_config(cls, config_file=None, overrides=()):
         f, tp = known[k]
         kwargs[k] = coerce(k, v, tp, f.metadata.get("choices"), source)
     cfg = cls(**kwargs)
+    if validate_now:
+        validate(cfg)
+    return cfg
+
+
+def resolve_config(cls, config, **stand_ins):
+    """The Python API's `config` argument as a validated `cls`: an instance of it, a dict of its keys, a
+    YAML path, or None (the defaults), checked exactly as the command line checks its keys. `stand_ins`
+    (key -> value, None skipped) replace keys whose object the caller passed directly, before validation."""
+    if isinstance(config, cls):
+        cfg = load_config(cls, None, values=dataclasses.asdict(config), source="config", validate_now=False)
+    elif isinstance(config, dict):
+        cfg = load_config(cls, None, values=config, source="config", validate_now=False)
+    elif isinstance(config, str) or hasattr(config, "__fspath__"):
+        cfg = load_config(cls, config, validate_now=False)
+    elif config is None:
+        cfg = load_config(cls, None, validate_now=False)
+    else:
+        raise UserError(f"config: expected a {cls.__name__}, a dict of keys or a YAML path, got "
+                        f"{type(config).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in stand_ins.items() if v is not None and k in known})
     validate(cfg)
     return cfg
+
+
+def in_memory_name(obj, what=None):
+    """What a config key records for an object passed in its place: a path stays itself; a dataset is
+    "<what> (in memory)"; a model its name_or_path."""
+    if obj is None or isinstance(obj, str):
+        return obj
+    if what is not None:
+        return f"{what} (in memory)"
+    return getattr(obj, "name_or_path", None) or f"<{type(obj).__name__} in memory>"
 
 
 def read_yaml(path: Path):
@@ -322,25 +301,16 @@ def validate(cfg):
         raise UserError(f"key 'temperature': must be non-negative, got {cfg.temperature}")
     if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
         raise UserError(f"key 'top_p': must be in (0, 1], got {cfg.top_p}")
-    if getattr(cfg, "loss_weights", None) is not None and len(cfg.loss_weights) != len(cfg.loss_type):
-        raise UserError(f"key 'loss_weights': {len(cfg.loss_weights)} weights for {len(cfg.loss_type)} loss types")
-    if "kto" in getattr(cfg, "loss_type", []) and len(cfg.loss_type) > 1:
-        raise UserError("key 'loss_type': kto trains on unpaired data and cannot be combined with other losses")
-    if getattr(cfg, "loss_type", None) == ["kto"] and cfg.reference_free:
-        raise UserError("key 'reference_free': not supported with kto (its reference point is a KL to pi_ref)")
     if hasattr(cfg, "ref_sync_alpha") and not 0 < cfg.ref_sync_alpha <= 1:
         raise UserError(f"key 'ref_sync_alpha': must be in (0, 1], got {cfg.ref_sync_alpha}")
-    if getattr(cfg, "precompute_ref_log_probs", False) and cfg.ref_sync_steps:
-        raise UserError("key 'precompute_ref_log_probs': cannot be combined with ref_sync_steps (TR-DPO moves the reference)")
-    if getattr(cfg, "use_lora", False) and not cfg.ref_model and getattr(cfg, "ref_sync_steps", 0):
-        raise UserError("key 'ref_sync_steps': TR-DPO moves the reference, so with use_lora it needs a separate "
-                        "ref_model (the default reference is the adapters' own base model)")
     if hasattr(cfg, "num_train_epochs") and getattr(cfg, "max_steps", 0) <= 0 and not cfg.num_train_epochs > 0:
         raise UserError("key 'num_train_epochs': must be positive when max_steps is -1")
     if getattr(cfg, "dataset", "x") is None:
         raise UserError("key 'dataset' is required (a file, a `datasets` directory or a hub name)")
     if hasattr(cfg, "model") and cfg.model is None:
         raise UserError("key 'model' is required")
+    if hasattr(cfg, "check"):  # the rules of one command's own keys, kept beside them in its config class
+        cfg.check()
 
 
 def help_text(cls, command: str) -> str:

@@ -5,7 +5,7 @@ exception is a bug in dpokit and keeps its traceback.
 """
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with what the user gave us, explained in one line."""
 
 

@@ -22,11 +22,10 @@ its own `kto_loss`; `soft_update_reference` is TR-DPO's reference refresh. See d
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
 
 # --- shared pieces ------------------------------------------------------------------------------------
 

@@ -133,7 +133,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def load_model(name: str, trust_remote_code: bool = False, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     src = resolve(name)

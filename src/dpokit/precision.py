@@ -59,7 +59,7 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     return False, f"bf16 is not assumed native on {device.type}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve(precision: str, device_type: str, device_index=None) -> str:
     """`auto` -> 'bf16' or 'fp32' for this device (logged once); 'bf16' / 'fp32' stay as they are (an
     explicit bf16 on an emulating device warns once, with a measured speed ratio)."""

@@ -1,12 +1,11 @@
-"""What the user sees: a progress bar with ETA, metric lines on the console, metrics as JSON lines in
-`output_dir/metrics.jsonl`, and a PNG plot of loss, reward accuracy and margins at the end."""
+"""Logging set-up, number formatting, and reading and plotting metrics.jsonl. (What writes them during
+training, the progress bar and console lines included, is train/callbacks.py.)"""
 
 import json
 import logging
 import math
 import os
 import sys
-from pathlib import Path
 
 log = logging.getLogger("dpokit")
 
@@ -32,51 +31,6 @@ def fmt(v) -> str:
             return f"{v:.4f}"
         return f"{v:.3e}"
     return str(v)
-
-
-class Reporter:
-    """Console + JSON lines. Only rank 0 writes; other ranks get a silent Reporter."""
-
-    def __init__(self, output_dir, total_steps: int, enabled: bool = True, progress_bar: bool = True, initial=0):
-        self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
-        self.bar = None
-        if enabled and progress_bar:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a", encoding="utf-8")
-
-    def step(self, n=1, **postfix):
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix({k: fmt(v) for k, v in postfix.items()}, refresh=False)
-
-    def log(self, metrics: dict):
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(metrics) + "\n")  # one write and a flush per row: a kill tears at most
-        self.file.flush()                             # the last line, which a resume drops
-        line = " ".join(f"{k}={fmt(v)}" for k, v in metrics.items())
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
-        else:
-            log.info(line)
-
-    def sync(self):
-        """fsync the rows written so far (before a checkpoint: the rows it vouches for are on disk)."""
-        if self.enabled and not self.file.closed:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        if self.enabled:
-            self.file.close()
 
 
 def read_metrics(path) -> list:

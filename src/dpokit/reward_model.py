@@ -42,8 +42,9 @@ def load_reward_model(name: str, pad_token_id: int, trust_remote_code: bool = Fa
 
     from dpokit.models import resolve
 
+    src = resolve(name)  # (its own errors name the model already)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(resolve(name), num_labels=1, dtype=torch.float32,
+        model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype=torch.float32,
                                                                    trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"{name}: cannot load as a reward model ({str(e).splitlines()[0]})") from None

@@ -20,8 +20,10 @@ MAX_FIELD_CHARS characters (MAX_FIELD_MESSAGES messages).
 import csv
 import io
 import json
+import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from dpokit.data.tokenize import explicit_prompt
@@ -46,8 +48,44 @@ class MissingSplit(UserError):
     """The source exists but has no such split (a held-out split is optional)."""
 
 
-def read_rows(source: str, split: str = "train") -> tuple[list, str]:
-    """Rows of a file, a `datasets` directory or a hub name, and a label for error messages."""
+@dataclass
+class InMemory:
+    """Rows the caller holds: a `datasets.Dataset` or `DatasetDict`, or a list of row dicts, with the
+    name errors give it (e.g. `train_dataset: row 3: field 'prompt': missing`)."""
+
+    data: object
+    label: str
+
+
+def named(source, label: str):
+    """A path or name stays as it is; anything else is rows in memory, called `label` in errors."""
+    return source if isinstance(source, (str, os.PathLike)) else InMemory(source, label)
+
+
+def _read_in_memory(source: InMemory, split: str) -> tuple[list, str]:
+    data, label = source.data, source.label
+    if hasattr(data, "keys") and not isinstance(data, dict):  # a DatasetDict: one of its splits
+        if split not in data:
+            raise MissingSplit(f"{label}: no split '{split}' (has {', '.join(data)})")
+        data, label = data[split], f"{label}[{split}]"
+    if isinstance(data, dict):
+        raise UserError(f"{label}: expected rows (a datasets.Dataset, DatasetDict or list of dicts), got a dict")
+    try:
+        rows = list(data)
+    except TypeError:
+        raise UserError(f"{label}: expected rows (a datasets.Dataset, DatasetDict or list of dicts), got "
+                        f"{type(data).__name__}") from None
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise UserError(f"{where(label, i)}: expected a dict of fields, got {type(row).__name__}")
+    return list(enumerate(rows, start=1)), label
+
+
+def read_rows(source, split: str = "train") -> tuple[list, str]:
+    """Rows of a file, a `datasets` directory, a hub name or an InMemory source, and a label for error
+    messages."""
+    if isinstance(source, InMemory):
+        return _read_in_memory(source, split)
     path = Path(source).expanduser()
     if path.suffix in FILE_SUFFIXES:
         if not path.is_file():

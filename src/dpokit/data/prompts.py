@@ -20,8 +20,7 @@ fed is what training conditions on.
 import json
 
 from dpokit.data.load import check_field, load_pairs, read_rows
-from dpokit.data.tokenize import (COMPLETION_FIELDS, TokenizeStats, apply_template, explicit_prompt, split_at_boundary,
-                                  tokenize_pair, truncate)
+from dpokit.data.tokenize import TokenizeStats, apply_template, explicit_prompt, split_at_boundary, tokenize_dataset
 from dpokit.errors import UserError, where
 
 
@@ -111,25 +110,10 @@ def load_demonstrations(source: str, split: str = "train") -> tuple[list, str, s
 
 
 def tokenize_demonstrations(tok, rows, label, max_length, max_prompt_length,
-                            truncation_mode) -> tuple[list, TokenizeStats]:
+                            truncation_mode="keep_end") -> tuple[list, TokenizeStats]:
     """Demonstrations -> TokenizedPairs whose chosen_ids is the completion (rejected_ids the same list),
     boundary-exact, the completion ending in one EOS; truncated as in DPO."""
-    stats, out = TokenizeStats(), []
-    for row, ex in rows:
-        pair = tokenize_pair(tok, {"prompt": ex["prompt"], "chosen": ex["completion"], "rejected": ex["completion"]},
-                             label, row, COMPLETION_FIELDS)
-        if not pair.prompt_ids:
-            stats.drop("with an empty prompt")
-            continue
-        pair = truncate(pair, max_length, max_prompt_length, truncation_mode)
-        if pair is None:
-            stats.drop("whose completion would be empty after truncation")
-            continue
-        out.append(pair)
-    stats.kept = len(out)
-    if not out:
-        raise UserError(f"{label}: no usable examples ({stats.summary()})")
-    return out, stats
+    return tokenize_dataset(tok, rows, label, max_length, max_prompt_length, truncation_mode, completions=True)
 
 
 def tokenize_prompt(tok, prompt, label="", row=0) -> list:

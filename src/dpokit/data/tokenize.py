@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from dpokit.errors import UserError, where
 
 # tokenize_pair's (prompt, chosen, rejected) as errors name them for a prompt/completion row (KTO, SFT)
-COMPLETION_FIELDS = ("prompt", "completion", "completion")
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+COMPLETION_FIELDS = ("prompt", "completion", "completion")  # (names in errors for prompt, chosen, rejected)
 
 
 @dataclass
@@ -151,7 +152,7 @@ def render_chat(tok, prompt_msgs: list, response_msgs: list, label, row, key="ch
     return prompt_text, full_text[len(prompt_text):]
 
 
-def tokenize_pair(tok, example: dict, label="", row=0, fields=("prompt", "chosen", "rejected")) -> TokenizedPair:
+def tokenize_pair(tok, example: dict, label="", row=0, fields=PAIR_FIELDS) -> TokenizedPair:
     """One preference row -> untruncated token ids, each response ending in exactly one EOS. `fields`: the
     names of prompt, chosen and rejected in the user's file, for errors (KTO and SFT say 'completion')."""
     ex = explicit_prompt(example, label, row)
@@ -191,23 +192,28 @@ def truncate(pair: TokenizedPair, max_length, max_prompt_length, truncation_mode
 
 
 def tokenize_dataset(tok, rows, label, max_length=None, max_prompt_length=None,
-                     truncation_mode="keep_end") -> tuple[list, TokenizeStats]:
-    """Checked rows -> truncated TokenizedPairs; dropped pairs are counted by reason."""
+                     truncation_mode="keep_end", completions: bool = False) -> tuple[list, TokenizeStats]:
+    """Checked rows -> truncated TokenizedPairs; dropped rows are counted by reason. Rows are pairs
+    (prompt, chosen, rejected), or with `completions` single completions (prompt, completion), kept as
+    pairs whose chosen and rejected are both the completion (SFT's and KTO's examples)."""
     stats, out = TokenizeStats(), []
+    what = "completion" if completions else "response"
     for row, example in rows:
-        pair = tokenize_pair(tok, example, label, row)
+        if completions:
+            example = {"prompt": example["prompt"], "chosen": example["completion"], "rejected": example["completion"]}
+        pair = tokenize_pair(tok, example, label, row, COMPLETION_FIELDS if completions else PAIR_FIELDS)
         if not pair.prompt_ids:
             stats.drop("with an empty prompt")
             continue
-        if pair.chosen_ids == pair.rejected_ids:
+        if not completions and pair.chosen_ids == pair.rejected_ids:
             stats.drop("with chosen equal to rejected")
             continue
         t = truncate(pair, max_length, max_prompt_length, truncation_mode)
         if t is None:
-            stats.drop("whose response would be empty after truncation")
+            stats.drop(f"whose {what} would be empty after truncation")
             continue
         out.append(t)
     stats.kept = len(out)
     if not out:
-        raise UserError(f"{label}: no usable pairs ({stats.summary()})")
+        raise UserError(f"{label}: no usable {'examples' if completions else 'pairs'} ({stats.summary()})")
     return out, stats

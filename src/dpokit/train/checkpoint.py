@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dpokit.config import to_dict
 from dpokit.errors import UserError
+from dpokit.io import set_modes
 
 log = logging.getLogger("dpokit")
 
@@ -58,23 +60,6 @@ def _fsync_dir(path: Path, files=True):
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def umask_mode() -> int:
-    """The mode a directory made by mkdir gets (mkdtemp makes 0700: checkpoints would differ from the rest)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o777 & ~mask
-
-
-def _set_modes(directory: Path):
-    """Directories as mkdir, files as open() would create them under the umask: mkdtemp makes 0700 and
-    safetensors writes 0600, which would leave weights unreadable to the group that reads the rest."""
-    mode = umask_mode()
-    for root, dirs, names in os.walk(directory):
-        os.chmod(root, mode)
-        for name in names:
-            os.chmod(os.path.join(root, name), mode & 0o666)
 
 
 def _reason(e: BaseException) -> str:
@@ -125,7 +110,7 @@ def save_checkpoint(out_dir: Path, step: int, save_model, optimizer, trainer_sta
         state = {**trainer_state, "step": step, "rng": rng_state(), "checkpoint_format": FORMAT}
         (tmp / STATE).write_text(json.dumps(state))
         write_manifest(tmp)  # last: it vouches for every file written before it
-        _set_modes(tmp)
+        set_modes(tmp)
         _fsync_dir(tmp)
         _replace_dir(tmp, final)
         _fsync_dir(out_dir, files=False)
@@ -164,7 +149,7 @@ def save_final(out_dir: Path, save_model, last_checkpoint=None):
         tmp = Path(tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=out_dir))
         result = save_model(tmp)
         fault_point("save:final")
-        _set_modes(tmp)
+        set_modes(tmp)
         _fsync_dir(tmp)
         new = {p.name for p in tmp.iterdir()}
         for pattern in WEIGHT_FILES:  # an earlier model's other shards (save_pretrained removes them too)
@@ -371,3 +356,16 @@ def _load_rest(path, optimizer) -> dict:
     state = json.loads((path / STATE).read_text())
     set_rng_state(state["rng"], torch.load(path / "rng_state.pt", weights_only=True))
     return state
+
+
+# keys that may differ between a run and its resumption without changing the result
+RESUME_FREE_KEYS = {"resume", "progress_bar", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                    "max_nonfinite_steps", "output_dir", "per_device_eval_batch_size", "max_eval_examples"}
+
+
+def check_resumable(cfg, state, path):
+    saved = state.get("config", {})
+    diff = [k for k, v in to_dict(cfg).items() if k not in RESUME_FREE_KEYS and k in saved and saved[k] != v]
+    if diff:
+        raise UserError(f"{path}: cannot resume: the config differs in {', '.join(diff)} "
+                        f"(checkpoint has {', '.join(f'{k}={saved[k]!r}' for k in diff)})")

@@ -11,12 +11,12 @@ import torch
 
 from dpokit.data.batch import collate_padded
 from dpokit.data.load import load_unpaired
-from dpokit.data.tokenize import COMPLETION_FIELDS, TokenizedPair, TokenizeStats, tokenize_pair, truncate
+from dpokit.data.tokenize import TokenizedPair, tokenize_dataset
 from dpokit.errors import UserError
 from dpokit.logprobs import sequence_logps
 from dpokit.losses import kto_loss, kto_reference_point
 from dpokit.report import log
-from dpokit.train import loop
+from dpokit.train.runtime import all_reduce_sum
 
 
 class KTOExample(TokenizedPair):
@@ -29,18 +29,10 @@ class KTOExample(TokenizedPair):
 
 def load_kto_split(cfg, tokenizer, source, split) -> list:
     rows, label, fmt = load_unpaired(source, split)
-    stats, out = TokenizeStats(), []
-    for row, ex in rows:
-        pair = tokenize_pair(tokenizer, {"prompt": ex["prompt"], "chosen": ex["completion"],
-                                         "rejected": ex["completion"]}, label, row, COMPLETION_FIELDS)
-        pair = truncate(pair, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode)
-        if pair is None:
-            stats.drop("whose completion would be empty after truncation")
-            continue
-        out.append(KTOExample(pair.prompt_ids, pair.chosen_ids, ex["label"], row))
-    stats.kept = len(out)
-    if not out:
-        raise UserError(f"{label}: no usable examples ({stats.summary()})")
+    pairs, stats = tokenize_dataset(tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length,
+                                    cfg.truncation_mode, completions=True)
+    labels = {row: ex["label"] for row, ex in rows}
+    out = [KTOExample(p.prompt_ids, p.chosen_ids, labels[p.row], p.row) for p in pairs]
     log.info("%s (%s, unpaired): %s, %d desirable", label, fmt, stats.summary().replace("pairs", "examples"),
              sum(e.label for e in out))
     return out
@@ -72,7 +64,7 @@ class KTOStep:
         with torch.no_grad():
             ref = sequence_logps(self.reference, batch)[0]
             # z0 from every rank's mismatched pairs, so all ranks share one reference point
-            kl_sum = loop.all_reduce_sum(torch.stack([(logps[B:] - ref[B:]).sum().detach().cpu(),
+            kl_sum = all_reduce_sum(torch.stack([(logps[B:] - ref[B:]).sum().detach().cpu(),
                                                       torch.tensor(float(B))]))
             z0 = kto_reference_point(kl_sum[0:1] / kl_sum[1], torch.zeros(1))
         labels = batch["labels"].to(logps.device)

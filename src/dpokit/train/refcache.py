@@ -39,7 +39,7 @@ from dpokit.data.layouts import collate_for, layout_name
 from dpokit.logprobs import sequence_logps
 from dpokit.models import cache_dir
 from dpokit.report import log
-from dpokit.train import loop
+from dpokit.train.runtime import autocast, to_device
 
 
 def fingerprint(model, examples, settings: str) -> str:
@@ -56,10 +56,10 @@ def fingerprint(model, examples, settings: str) -> str:
 
 def reference_settings(cfg, device, batch_size: int) -> str:
     """What the numbers depend on besides weights and token ids. The precision as resolved here: the
-    autocast dtype `loop.autocast` gives on this device (or none), and the device type ("auto" may mean
+    autocast dtype `autocast` gives on this device (or none), and the device type ("auto" may mean
     bf16 on one machine and fp32 on another; a GPU and a CPU round differently)."""
     device = torch.device(device)
-    with loop.autocast(device, cfg.precision):
+    with autocast(device, cfg.precision):
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     layout = layout_name(cfg.padding_free, cfg.prefix_sharing)
     return f"{device.type}|{dtype}|{layout}|{cfg.logprob_chunk_size}|batch {batch_size}|fp32 head"
@@ -77,8 +77,8 @@ def compute_reference_logps(reference, examples, pad_id, batch_size, device, pre
     chosen, rejected = [], []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
-        batch = loop.to_device(collate(chunk), device)
-        with loop.autocast(device, precision):
+        batch = to_device(collate(chunk), device)
+        with autocast(device, precision):
             logps = sequence_logps(reference, batch, chunk_size=chunk_size)[0].float().cpu()
         chosen.append(logps[: len(chunk)])
         rejected.append(logps[len(chunk):])

@@ -1,21 +1,14 @@
-"""The DPO stage: the step function (policy and frozen reference on one concatenated batch, then the
-loss of losses.py) and the `dpokit dpo` job that wires data, models and the shared loop together."""
+"""The DPO step: the policy and the frozen reference on one concatenated batch of pairs, then the loss
+(or weighted sum of losses) of losses.py. `dpokit dpo` (commands/dpo.py) hands it to the shared loop."""
 
-import copy
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from dpokit import models
-from dpokit.data.layouts import collate_for, layout_name
-from dpokit.data.load import FILE_SUFFIXES, MissingSplit, load_pairs
-from dpokit.data.tokenize import tokenize_dataset
-from dpokit.errors import UserError
 from dpokit.logprobs import sequence_logps
 from dpokit.losses import RewardMean, combined_loss, named_weights, requirements, soft_update_reference
-from dpokit.report import log, plot_metrics
-from dpokit.train import kto, loop, refcache
+from dpokit.train.runtime import all_reduce_sum
 
 
 class DPOStep:
@@ -61,7 +54,7 @@ class DPOStep:
             if policy.training:
                 # implicit rewards beta * log(pi / pi_ref); reference_free: log pi_ref = 0
                 rewards = self.beta * (logps if ref is None else logps - ref).detach()
-                total = loop.all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()))]).cpu())
+                total = all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()))]).cpu())
                 self.bco_mean.update(torch.full((int(total[1]),), (total[0] / total[1]).item()))
             kwargs["bco_delta"] = self.bco_mean.mean
         losses, chosen_rewards, rejected_rewards = combined_loss(
@@ -141,90 +134,3 @@ def collate_with_reference(pairs, collate):
         batch["reference_logps"] = torch.tensor([p.reference_logps[0] for p in pairs] +
                                                 [p.reference_logps[1] for p in pairs])
     return batch
-
-
-def load_split(cfg, tokenizer, source, split):
-    if cfg.loss_type == ["kto"]:
-        return kto.load_kto_split(cfg, tokenizer, source, split)
-    rows, label, fmt = load_pairs(source, split)
-    examples, stats = tokenize_dataset(tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length,
-                                       cfg.truncation_mode)
-    log.info("%s (%s): %s", label, fmt, stats.summary())
-    return examples
-
-
-def load_eval_split(cfg, tokenizer):
-    """Held-out pairs: `eval_dataset`, else the test split of a `dataset` that has splits, else none."""
-    if cfg.eval_dataset is not None:
-        examples = load_split(cfg, tokenizer, cfg.eval_dataset, cfg.dataset_test_split)
-    elif cfg.dataset.endswith(FILE_SUFFIXES):
-        return []  # a single file has no held-out split; name one with eval_dataset
-    else:
-        try:
-            examples = load_split(cfg, tokenizer, cfg.dataset, cfg.dataset_test_split)
-        except MissingSplit:
-            return []
-    return examples[: cfg.max_eval_examples] if cfg.max_eval_examples else examples
-
-
-def run(cfg):
-    """`dpokit dpo`: everything that can fail on bad input happens before output_dir is touched."""
-    ranks = loop.setup_distributed()
-    loop.set_seed(cfg.seed)
-    loop.check_output_dir(cfg)
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    train_examples = load_split(cfg, tokenizer, cfg.dataset, cfg.dataset_train_split)
-    eval_examples = load_eval_split(cfg, tokenizer)
-    policy = models.load_model(cfg.model, cfg.trust_remote_code)
-    loop.check_output_dir(cfg, sum(p.numel() for p in policy.parameters()))
-    if cfg.disable_dropout:
-        models.disable_dropout(policy)
-    unpaired = cfg.loss_type == ["kto"]
-    if unpaired and cfg.precompute_ref_log_probs:
-        raise UserError("key 'precompute_ref_log_probs': not supported with kto (its KL pairs depend on the batch)")
-    needs_reference = unpaired or requirements(cfg.loss_type, cfg.reference_free, cfg.ipo_length_normalize)[0]
-    pad_id = tokenizer.pad_token_id
-    reference, lora_reference = None, False
-    if needs_reference:  # reference-free losses (simpo, orpo, sft, reference_free) load no reference at all
-        # before any adapter exists, the policy itself is pi_ref unless another model is named
-        reference = models.load_model(cfg.ref_model, cfg.trust_remote_code) if cfg.ref_model else policy
-        models.disable_dropout(reference)
-        reference.to(ranks.device)
-        fixed = not cfg.ref_sync_steps and not unpaired
-        if fixed:  # held-out reference log-probs once, not at every evaluation
-            refcache.attach_reference_logps(reference, eval_examples, cfg, pad_id, ranks.device, use_disk_cache=False)
-        if cfg.precompute_ref_log_probs:
-            refcache.attach_reference_logps(reference, train_examples, cfg, pad_id, ranks.device, use_disk_cache=True)
-            reference = None  # nothing of the reference stays in memory while training
-        elif cfg.use_lora and not cfg.ref_model:
-            reference, lora_reference = None, True  # no second copy: the base with adapters disabled
-        elif reference is policy:
-            reference = copy.deepcopy(policy)
-        if reference is not None:
-            reference.requires_grad_(False).eval()
-    if cfg.use_lora:
-        policy = models.add_lora(policy, cfg)
-    if cfg.gradient_checkpointing:
-        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.use_lora:
-            policy.enable_input_require_grads()
-    layout = partial(collate_with_reference, collate=collate_for(layout_name(cfg.padding_free, cfg.prefix_sharing), pad_id))
-    if unpaired:
-        step, collate = kto.KTOStep(reference, cfg), partial(kto.collate_kto, pad_id=pad_id)
-    else:
-        step, collate = DPOStep(reference, cfg, lora_reference), layout
-    save = partial(_save, tokenizer=tokenizer)
-    trained = loop.train(cfg, policy, tokenizer, step, train_examples, eval_examples, collate, ranks, save_fn=save)
-    if ranks.main:
-        keys = ("loss", "rewards/chosen", "rewards/rejected", "kl") if unpaired else \
-            ("loss", "rewards/accuracies", "rewards/margins")
-        plot_metrics(f"{cfg.output_dir}/metrics.jsonl", f"{cfg.output_dir}/training_curves.png", keys)
-        log.info("saved the trained model to %s", cfg.output_dir)
-    return trained
-
-
-def _save(model, out_dir, tokenizer, final=False):
-    return models.save_model(model, tokenizer, out_dir, merge_lora=final)

@@ -1,96 +1,27 @@
-"""`dpokit rl`: the classic RLHF stage (Ziegler et al., 2019; Stiennon et al., 2020; Ouyang et al.,
-2022) that DPO replaces: maximise a learned reward under a KL penalty to the reference,
+"""The RLHF step (PPO with a value head and GAE, or RLOO): rollouts from the policy scored by a reward,
+then the clipped surrogate on them; see commands/rl.py for the whole method and its metrics."""
 
-    max_pi E_{x, y ~ pi}[ r(x, y) ] - beta KL(pi(.|x) || pi_ref(.|x))          (DPO paper, Eq. 3)
-
-with PPO, or with RLOO (lighter: no value head), on the shared training loop. The objectives are the
-pure functions of rl_losses.py; this file makes rollouts and feeds them.
-
-One step of the loop, for its micro-batch of B prompts:
-  1. rollout (no gradient): k = num_samples_per_prompt responses per prompt sampled from the policy
-     (generate.sample_responses: ancestral sampling at `temperature`, no top-k / top-p), scored by the
-     reward (`rm:PATH`, `vader`, `module:function`; minus missing_eos_penalty for responses cut at
-     max_new_tokens); the policy's log-probs, values and the reference's log-probs of every response
-     token; per-token KL-penalised rewards; advantages (PPO: GAE over the value head's values; RLOO:
-     the leave-one-out baseline over the k samples of a prompt, one advantage per response), whitened
-     over the micro-batch if whiten_advantages.
-  2. the loss at the current weights: the clipped surrogate (+ vf_coef x the clipped value loss), a
-     token mean per response, averaged over the prompt's k responses -> losses (B,). The loop then
-     takes one optimizer step.
-A rollout is reused for `ppo_epochs` consecutive optimizer steps (PPO's epochs over one batch of
-experience, one minibatch each): at the first, pi = pi_old and the ratio is 1; at the later ones the
-ratio moves and clipping acts. The prompts the loop hands in on those later steps are not used, so
-with ppo_epochs = E an epoch of the loop rolls out 1/E of the prompts: count training in max_steps.
-The rollouts in use are checkpointed with the run, so resuming stays exact.
-
-Value head (PPO): one linear layer on the policy's last hidden state (the input of its lm_head),
-zero-initialised, trained with the policy (shared trunk). It lives in checkpoints; the final model
-directory holds the policy alone.
-
-Of the shared config, `max_length` is unused (responses are bounded by max_new_tokens, prompts by
-max_prompt_length), and per_device_train_batch_size counts prompts (k responses each).
-
-Metrics: `reward` (the reward's score), `kl` (sum over the response of log pi - log pi_ref: the
-sequence KL estimate), `non_score_reward` (-beta kl), `kl_coef`, `entropy` (mean per-token entropy of
-the policy), `policy_loss`, `clipfrac`, `approx_kl` (between pi_old and pi), `value_loss`,
-`value_clipfrac` (PPO), `response_length`. Evaluation samples the held-out prompts and reports
-`eval/reward`, `eval/kl`, and `eval/loss` = -(reward - beta kl).
-"""
-
-import copy
 import inspect
 import typing
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from dpokit import models
-from dpokit.config import TrainConfig, opt
 from dpokit.data.batch import pad_right
-from dpokit.data.prompts import load_prompts, tokenize_prompt, truncate_prompt
-from dpokit.errors import UserError
-from dpokit.generate import sample_responses
 from dpokit.logprobs import fp32_output_layer, unwrap
-from dpokit.report import log, plot_metrics
-from dpokit.rl_losses import (KLController, gae, kl_penalised_rewards, masked_mean, masked_whiten, ppo_policy_loss,
-                              ppo_value_loss, rloo_advantages)
-from dpokit.train import loop
-from dpokit.train.stage import enable_gradient_checkpointing, refuse, train_and_eval
-
-
-@dataclass
-class RLConfig(TrainConfig):
-    """RLHF: PPO or RLOO on a reward (model), with a KL penalty to the reference (the pipeline DPO replaces)."""
-
-    output_dir: str = opt("runs/rl", "where the trained policy, config, metrics and plots are written")
-    dataset: str = opt(None, "prompts: rows with `prompt`, `messages` conversations, or preference rows (their "
-                       "prompts); per_device_train_batch_size counts prompts")
-    learning_rate: float = opt(3e-6, "peak learning rate")
-    reward: str = opt(None, "the reward to maximise: rm:PATH (a `dpokit rm` model), vader, or module:function")
-    ref_model: typing.Optional[str] = opt(None, "reference pi_ref of the KL penalty (default: a frozen copy of "
-                                          "`model`, normally the SFT model)")
-    algorithm: str = opt("ppo", "ppo: clipped surrogate with a value head and GAE; rloo: REINFORCE with the "
-                         "leave-one-out baseline (no value head)", ["ppo", "rloo"])
-    num_samples_per_prompt: int = opt(4, "responses sampled per prompt in each rollout (rloo needs >= 2)")
-    max_new_tokens: int = opt(48, "maximum tokens per sampled response")
-    temperature: float = opt(1.0, "sampling temperature; log-probs are those of the tempered policy (logits / "
-                             "temperature), as in TRL")
-    kl_coef: float = opt(0.05, "beta: the KL penalty's coefficient (the initial one, with adaptive_kl)")
-    adaptive_kl: bool = opt(False, "adapt beta towards target_kl (Ziegler et al., 2019)")
-    target_kl: float = opt(6.0, "adaptive_kl: the sequence KL to steer towards")
-    kl_horizon: float = opt(10000.0, "adaptive_kl: horizon K (beta moves by at most 20% x samples / K per step)")
-    ppo_epochs: int = opt(4, "optimizer steps on each rollout (PPO epochs, one minibatch each); 1: a fresh "
-                          "rollout every step")
-    cliprange: float = opt(0.2, "PPO's epsilon: the ratio pi / pi_old is clipped to [1 - eps, 1 + eps]")
-    cliprange_value: float = opt(0.2, "values are clipped to the rollout's values +- this")
-    vf_coef: float = opt(0.1, "weight of the value loss")
-    gamma: float = opt(1.0, "discount factor of GAE")
-    lam: float = opt(0.95, "lambda of GAE")
-    whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 over each rollout micro-batch")
-    missing_eos_penalty: typing.Optional[float] = opt(None, "subtract this from the reward of responses that did "
-                                                      "not end with EOS within max_new_tokens")
+from dpokit.rl_losses import (
+    KLController,
+    gae,
+    kl_penalised_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rloo_advantages,
+)
+from dpokit.sampling import sample_responses
+from dpokit.train.runtime import all_reduce_sum
 
 
 @dataclass
@@ -250,7 +181,7 @@ class RLStep:
 
     def after_optimizer_step(self, step_no, policy):
         """The adaptive KL coefficient follows the KL of this step's new rollouts (all ranks together)."""
-        total = loop.all_reduce_sum(torch.tensor(self.kl_sums, dtype=torch.float64))
+        total = all_reduce_sum(torch.tensor(self.kl_sums, dtype=torch.float64))
         if total[1] > 0:
             self.kl.update(float(total[0] / total[1]), int(total[1]))
 
@@ -272,79 +203,3 @@ class RLStep:
             device = next(unwrap(self.reference).parameters()).device
             saved = torch.load(path, weights_only=True)
             self.rollouts = {int(m): {k: v.to(device) for k, v in r.items()} for m, r in saved.items()}
-
-
-def load_split(cfg, tokenizer, source, split) -> list:
-    prompts, label = load_prompts(source, split)
-    log.info("%s: %d distinct prompts", label, len(prompts))
-    return [PromptExample(p, truncate_prompt(tokenize_prompt(tokenizer, p, label, row), cfg.max_prompt_length,
-                                             cfg.truncation_mode), row) for row, p in prompts]
-
-
-def check(cfg):
-    refuse(cfg, "rl", ("padding_free", "prefix_sharing", "logprob_chunk_size", "use_lora"))
-    if cfg.reward is None:
-        raise UserError("key 'reward' is required (rm:PATH, vader, or module:function)")
-    for key in ("num_samples_per_prompt", "max_new_tokens", "ppo_epochs"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"key '{key}': must be at least 1, got {getattr(cfg, key)}")
-    if cfg.algorithm == "rloo" and cfg.num_samples_per_prompt < 2:
-        raise UserError("key 'num_samples_per_prompt': rloo needs at least 2 samples per prompt")
-    if not cfg.temperature > 0:
-        raise UserError(f"key 'temperature': must be positive for sampling, got {cfg.temperature}")
-    for key in ("target_kl", "kl_horizon", "cliprange", "cliprange_value"):
-        if not getattr(cfg, key) > 0:
-            raise UserError(f"key '{key}': must be positive, got {getattr(cfg, key)}")
-    if cfg.kl_coef < 0:
-        raise UserError(f"key 'kl_coef': must be non-negative, got {cfg.kl_coef}")
-    if cfg.vf_coef < 0 or not 0 <= cfg.gamma <= 1 or not 0 <= cfg.lam <= 1:
-        raise UserError("keys 'vf_coef' (>= 0), 'gamma' and 'lam' (in [0, 1]) out of range")
-
-
-def run(cfg):
-    """`dpokit rl`: everything that can fail on bad input happens before output_dir is touched."""
-    from dpokit.rewards import get_reward_fn
-
-    check(cfg)
-    ranks = loop.setup_distributed()
-    loop.set_seed(cfg.seed)
-    loop.check_output_dir(cfg)
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    train_examples, eval_examples = train_and_eval(cfg, partial(load_split, cfg, tokenizer))
-    reward_fn = get_reward_fn(cfg.reward)
-    policy = models.load_model(cfg.model, cfg.trust_remote_code)
-    loop.check_output_dir(cfg, sum(p.numel() for p in policy.parameters()))
-    if cfg.disable_dropout:
-        models.disable_dropout(policy)
-    reference = models.load_model(cfg.ref_model, cfg.trust_remote_code) if cfg.ref_model else copy.deepcopy(policy)
-    models.disable_dropout(reference)
-    reference.requires_grad_(False).eval().to(ranks.device)
-    if cfg.algorithm == "ppo":
-        hidden = policy.get_output_embeddings().weight.shape[1]
-        policy.value_head = torch.nn.Linear(hidden, 1)
-        torch.nn.init.zeros_(policy.value_head.weight)
-        torch.nn.init.zeros_(policy.value_head.bias)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(policy)
-    step = RLStep(cfg, reference, reward_fn, tokenizer)
-    trained = loop.train(cfg, policy, tokenizer, step, train_examples, eval_examples, collate_prompts, ranks,
-                         save_fn=partial(_save, tokenizer=tokenizer))
-    if ranks.main:
-        plot_metrics(f"{cfg.output_dir}/metrics.jsonl", f"{cfg.output_dir}/training_curves.png",
-                     ("reward", "kl", "loss"))
-        log.info("saved the RL policy to %s", cfg.output_dir)
-    return trained
-
-
-def _save(model, out_dir, tokenizer, final=False):
-    """Checkpoints keep the value head (for resume); the final directory holds the policy alone."""
-    model = getattr(model, "module", model)
-    head = getattr(model, "value_head", None)
-    if final and head is not None:
-        del model.value_head
-    try:
-        models.save_model(model, tokenizer, out_dir)
-    finally:
-        if final and head is not None:
-            model.value_head = head
-    return model

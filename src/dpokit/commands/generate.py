@@ -18,18 +18,16 @@ in fp32 (logprobs.fp32_output_layer), as it does where dpokit scores log-probs, 
 the distribution that is scored, up to the bf16 rounding of the rest of the model.
 """
 
-import json
-import os
-import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dpokit.config import PRECISIONS, opt
+from dpokit.config import PRECISIONS, opt, resolve_config
 from dpokit.errors import UserError
-from dpokit.logprobs import fp32_output_layer
+from dpokit.io import write_jsonl_atomic
+from dpokit.sampling import device_of, sample_responses
 
 
 @dataclass
@@ -56,73 +54,35 @@ class GenerateConfig:
     seed: int = opt(0, "seed for sampling: the same seed gives the same samples")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
 
-
-def device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 1.0,
-                     top_p: float = 1.0, top_k: int = 0, batch_size: int = 32) -> list:
-    """Token-id prompts -> one sampled response each (token ids, cut after the first EOS, which is kept).
-
-    Uses the global torch RNG (seed it for repeatable samples). The model is put in eval mode while
-    sampling and put back as it was."""
-    was_training = model.training
-    model.eval()
-    device, pad, eos = device_of(model), tokenizer.pad_token_id, tokenizer.eos_token_id
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} \
-        if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    out = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i: i + batch_size]
-            T = max(len(p) for p in chunk)
-            input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in chunk], device=device)     # (b, T)
-            attention = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in chunk], device=device)
-            with fp32_output_layer(model):
-                generated = model.generate(input_ids=input_ids, attention_mask=attention,
-                                           max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                                           **sampling)
-            for row in generated[:, T:].tolist():
-                out.append(row[: row.index(eos) + 1] if eos in row else row)
-    finally:
-        model.train(was_training)
-    return out
+    def check(self):
+        for key in ("num_samples_per_prompt", "batch_size", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise UserError(f"key '{key}': must be at least 1, got {getattr(self, key)}")
+        if self.top_k < 0:
+            raise UserError(f"key 'top_k': must be non-negative, got {self.top_k}")
 
 
-def write_jsonl_atomic(path: Path, rows: list):
-    """Write to a temporary file next to `path` and rename it into place: no half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def run(cfg: GenerateConfig) -> list:
+def generate(config=None, *, model=None, tokenizer=None) -> list:
+    """Sample responses (config: a GenerateConfig, a dict of its keys or a YAML path; model / tokenizer:
+    loaded objects in place of the `model` key). Writes output_file; returns its rows."""
     from dpokit import models
     from dpokit.data.prompts import load_prompts, tokenize_prompt, truncate_prompt
     from dpokit.report import log
-    from dpokit.train.loop import autocast, set_seed
+    from dpokit.train.runtime import autocast, set_seed
 
-    for key in ("num_samples_per_prompt", "batch_size", "max_new_tokens"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"key '{key}': must be at least 1, got {getattr(cfg, key)}")
-    if cfg.top_k < 0:
-        raise UserError(f"key 'top_k': must be non-negative, got {cfg.top_k}")
+    cfg = resolve_config(GenerateConfig, config, model=getattr(model, "name_or_path", None) if model else None)
     out = Path(cfg.output_file)
     if out.is_dir():
         raise UserError(f"{out}: output_file is a directory")
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = tokenizer or models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     prompts, label = load_prompts(cfg.dataset, cfg.dataset_split)
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
     ids = [truncate_prompt(tokenize_prompt(tokenizer, p, label, row), cfg.max_prompt_length, cfg.truncation_mode)
            for row, p in prompts]
-    model = models.load_model(cfg.model, cfg.trust_remote_code)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    if model is None:
+        model = models.load_model(cfg.model, cfg.trust_remote_code)
+        if torch.cuda.is_available():
+            model.to("cuda")
     k = cfg.num_samples_per_prompt
     log.info("%s: sampling %d responses for each of %d prompts", label, k, len(prompts))
     set_seed(cfg.seed)

@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from dpokit.config import opt
+from dpokit.config import opt, resolve_config
 from dpokit.errors import UserError, where
 
 
@@ -39,6 +39,17 @@ class PairsConfig:
     output: str = opt("pairs.jsonl", "a .jsonl file, or a directory that receives train.jsonl (and test.jsonl)")
     test_fraction: float = opt(0.0, "fraction of prompts held out in test.jsonl (output must be a directory)")
     seed: int = opt(0, "seed of the train/test split of prompts")
+
+    def check(self):
+        if self.samples is None or self.reward is None:
+            raise UserError(f"key '{'samples' if self.samples is None else 'reward'}' is required")
+        if not 0 <= self.test_fraction < 1:
+            raise UserError(f"key 'test_fraction': must be in [0, 1), got {self.test_fraction}")
+        if self.min_margin < 0:
+            raise UserError(f"key 'min_margin': must be non-negative, got {self.min_margin}")
+        if self.output.endswith(".jsonl") and self.test_fraction > 0:
+            raise UserError("key 'test_fraction': needs `output` to be a directory (it receives train.jsonl "
+                            "and test.jsonl)")
 
 
 def read_samples(path: str) -> tuple[list, int]:
@@ -95,22 +106,17 @@ def make_pairs(responses: list, rewards: list, pairing: str, min_margin: float) 
     return out, ties
 
 
-def run(cfg: PairsConfig) -> dict:
+def pairs(config=None) -> dict:
+    """Label sampled responses into preference pairs (config: a PairsConfig, a dict of its keys or a
+    YAML path); writes `output` and returns the counts."""
     from dpokit.data.prompts import response_message
-    from dpokit.generate import write_jsonl_atomic
+    from dpokit.io import write_jsonl_atomic
     from dpokit.report import log
     from dpokit.rewards import get_reward_fn
 
-    if cfg.samples is None or cfg.reward is None:
-        raise UserError(f"key '{'samples' if cfg.samples is None else 'reward'}' is required")
-    if not 0 <= cfg.test_fraction < 1:
-        raise UserError(f"key 'test_fraction': must be in [0, 1), got {cfg.test_fraction}")
-    if cfg.min_margin < 0:
-        raise UserError(f"key 'min_margin': must be non-negative, got {cfg.min_margin}")
+    cfg = resolve_config(PairsConfig, config)
     out = Path(cfg.output)
     single_file = out.suffix == ".jsonl"
-    if single_file and cfg.test_fraction > 0:
-        raise UserError("key 'test_fraction': needs `output` to be a directory (it receives train.jsonl and test.jsonl)")
     groups, n_read = read_samples(cfg.samples)
     reward_fn = get_reward_fn(cfg.reward)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from dpokit.config import opt
+from dpokit.config import opt, resolve_config
 from dpokit.errors import UserError
 from dpokit.report import log
 
@@ -323,7 +323,10 @@ def table(points, references) -> str:
     return "\n".join(lines)
 
 
-def run(cfg) -> dict:
+def frontier(config=None) -> dict:
+    """Reward-vs-KL scatter, table and JSON of `dpokit eval` results (config: a FrontierConfig, a dict
+    of its keys or a YAML path); returns the points."""
+    cfg = resolve_config(FrontierConfig, config)
     files = find_files(cfg.inputs, cfg.pattern)
     points, references, rewards = collect(files)
     if not points:

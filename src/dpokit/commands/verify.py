@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpokit.config import opt
+from dpokit.config import opt, resolve_config
 from dpokit.errors import UserError
 from dpokit.losses import LOSSES
 
@@ -63,6 +63,20 @@ class VerifyConfig:
 
 
 # --- the toy problem -----------------------------------------------------------------------------------
+
+    def check(self):
+        n = self.vocab_size ** self.response_length
+        if self.vocab_size < 1 or self.response_length < 1 or not 2 <= n <= 1024:
+            raise UserError(f"vocab_size ** response_length must be between 2 and 1024 responses, got {n}")
+        for name in ("num_prompts", "num_pairs", "steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"key '{name}': must be at least 1, got {getattr(self, name)}")
+        for name in ("beta", "learning_rate", "tv_bound"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"key '{name}': must be positive, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"key 'label_smoothing': must be in [0, 0.5), got {self.label_smoothing}")
+
 
 def make_problem(cfg, generator):
     """pi_ref's log-probs and the rewards, both (X, N), float64."""
@@ -170,32 +184,19 @@ def compare(logp, opt_logp, ref_logps, rewards, beta):
             "implicit_reward_spread": (gap.max(-1).values - gap.min(-1).values).max().item()}
 
 
-def validate(cfg: VerifyConfig):
-    n = cfg.vocab_size ** cfg.response_length
-    if cfg.vocab_size < 1 or cfg.response_length < 1 or not 2 <= n <= 1024:
-        raise UserError(f"vocab_size ** response_length must be between 2 and 1024 responses, got {n}")
-    for name in ("num_prompts", "num_pairs", "steps"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"key '{name}': must be at least 1, got {getattr(cfg, name)}")
-    for name in ("beta", "learning_rate", "tv_bound"):
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"key '{name}': must be positive, got {getattr(cfg, name)}")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise UserError(f"key 'label_smoothing': must be in [0, 0.5), got {cfg.label_smoothing}")
-
-
-def run(cfg: VerifyConfig) -> dict:
-    """Print the tables and return their numbers; SystemExit(1) if the check fails (so CI can run it)."""
-    validate(cfg)
+def verify(config=None) -> dict:
+    """Print the tables and return their numbers; SystemExit(1) if the check fails (so CI can run it).
+    config: a VerifyConfig, a dict of its keys, or a YAML path."""
+    cfg = resolve_config(VerifyConfig, config)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)               # tensors of a few hundred numbers: threads only add overhead
     try:
-        return check(cfg)
+        return run_checks(cfg)
     finally:
         torch.set_num_threads(threads)
 
 
-def check(cfg: VerifyConfig) -> dict:
+def run_checks(cfg: VerifyConfig) -> dict:
     start = time.time()
     g = torch.Generator().manual_seed(cfg.seed)
     ref_logps, rewards = make_problem(cfg, g)

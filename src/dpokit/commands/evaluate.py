@@ -19,19 +19,50 @@
 
 import json
 import math
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dpokit import models
+from dpokit.config import PRECISIONS, in_memory_name, opt, resolve_config
 from dpokit.data.batch import collate_padded
-from dpokit.data.load import load_pairs
+from dpokit.data.load import load_pairs, named
 from dpokit.data.tokenize import TokenizedPair, explicit_prompt, tokenize_dataset
-from dpokit.generate import device_of, sample_responses
+from dpokit.io import atomic_write_text
 from dpokit.logprobs import sequence_logps
 from dpokit.report import log
 from dpokit.rewards import get_reward_fn
-from dpokit.train.loop import autocast, set_seed, to_device
+from dpokit.sampling import device_of, sample_responses
+from dpokit.train.runtime import autocast, set_seed, to_device
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of a trained policy against its reference."""
+
+    model: str = opt(None, "the policy to evaluate (a model directory, hub name, .gguf, or 'default')")
+    ref_model: str = opt("default", "the reference pi_ref the policy was trained from")
+    dataset: str = opt(None, "held-out preference pairs (file, `datasets` directory or name)")
+    dataset_test_split: str = opt("test", "split of `dataset` to use when it has splits")
+    max_eval_examples: typing.Optional[int] = opt(None, "use at most this many held-out pairs")
+    beta: float = opt(0.1, "beta of the implicit reward beta * log(pi / pi_ref)")
+    max_length: typing.Optional[int] = opt(1024, "as in training")
+    max_prompt_length: typing.Optional[int] = opt(512, "as in training")
+    truncation_mode: str = opt("keep_end", "as in training", ["keep_end", "keep_start"])
+    per_device_eval_batch_size: int = opt(16, "examples per batch")
+    reward: typing.Optional[str] = opt("vader", "ground-truth reward function for samples: a built-in name "
+                                       "('vader') or 'module:function'; empty to skip sampling")
+    num_samples: int = opt(64, "held-out prompts to sample one response each for")
+    max_new_tokens: int = opt(48, "maximum tokens per sampled response")
+    temperature: float = opt(0.7, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    output_file: typing.Optional[str] = opt(None, "write the results as JSON here (default: <model>/eval.json)")
+    precision: str = opt("auto", "auto (bf16 where the device does it natively, else fp32), fp32, or bf16 "
+                         "autocast", PRECISIONS)
+    seed: int = opt(0, "seed for sampling")
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
 
 
 def mean_se(xs) -> tuple[float, float]:
@@ -105,16 +136,23 @@ def sampled_kl(policy, reference, prompts, responses, pad_id, batch_size=16):
     return out
 
 
-def run(cfg) -> dict:
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    rows, label, _ = load_pairs(cfg.dataset, cfg.dataset_test_split)
+def evaluate(config=None, *, model=None, ref_model=None, tokenizer=None, dataset=None) -> dict:
+    """`dpokit eval`: config is an EvalConfig, a dict of its keys or a YAML path; model / ref_model /
+    tokenizer / dataset (a `datasets` object, a list of rows or a path) may be given in place of their
+    keys. Returns the results (also written as JSON and printed as a table)."""
+    cfg = resolve_config(EvalConfig, config, model=in_memory_name(model), ref_model=in_memory_name(ref_model),
+                         dataset=in_memory_name(dataset, "dataset"))
+    tokenizer = tokenizer or models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    source = cfg.dataset if dataset is None else named(dataset, "dataset")
+    rows, label, _ = load_pairs(source, cfg.dataset_test_split)
     examples, stats = tokenize_dataset(tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length,
                                        cfg.truncation_mode)
     examples = examples[: cfg.max_eval_examples] if cfg.max_eval_examples else examples
     log.info("%s: %s", label, stats.summary())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy = models.load_model(cfg.model, cfg.trust_remote_code).eval().to(device)
-    reference = models.load_model(cfg.ref_model, cfg.trust_remote_code).eval().to(device)
+    policy = (model if model is not None else models.load_model(cfg.model, cfg.trust_remote_code)).eval().to(device)
+    reference = ref_model if ref_model is not None else models.load_model(cfg.ref_model, cfg.trust_remote_code)
+    reference = reference.eval().to(device)
     pad = tokenizer.pad_token_id
     bs = cfg.per_device_eval_batch_size
     ref_logps = pair_logps(reference, examples, pad, bs, cfg.precision)
@@ -151,7 +189,7 @@ def run(cfg) -> dict:
         results["temperature"], results["top_p"] = cfg.temperature, cfg.top_p
     out = Path(cfg.output_file) if cfg.output_file else Path(cfg.model) / "eval.json"
     if out.parent.is_dir():
-        out.write_text(json.dumps(results, indent=2))
+        atomic_write_text(out, json.dumps(results, indent=2))
     print(table(results))
     print(f"results written to {out}" if out.parent.is_dir() else "")
     return results
