@@ -62,18 +62,64 @@ PARITY_STEPS = 20
 # Random-weight models of published shapes, for GPU runs (the tokenizer is the embedded model's; its ids
 # are valid in these larger vocabularies, and the full vocabulary keeps the lm_head's real cost).
 ARCHS = {
-    "qwen2-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                 num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                                 tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768)),
-    "qwen2-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                 num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                                 tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768)),
-    "llama-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                               num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                               tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072)),
-    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
-                                   tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192)),
+    "qwen2-0.5b": (
+        "qwen2",
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            rope_theta=1e6,
+            max_position_embeddings=32768,
+        ),
+    ),
+    "qwen2-1.5b": (
+        "qwen2",
+        dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            rope_theta=1e6,
+            max_position_embeddings=32768,
+        ),
+    ),
+    "llama-1b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            max_position_embeddings=131072,
+        ),
+    ),
+    "smollm2-135m": (
+        "llama",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            max_position_embeddings=8192,
+        ),
+    ),
 }
 
 # The configurations of the main table: (framework, name, options).
@@ -87,6 +133,7 @@ CONFIGS = [
 
 
 # --- workload ----------------------------------------------------------------------------------------
+
 
 def prepare_model(spec: str, work: Path, seed: int) -> Path:
     """A local model directory: the embedded default, or a named shape with seeded random weights."""
@@ -141,7 +188,7 @@ def synthetic_pairs(tokenizer, n: int, seed: int, scale: float, fixed_length: in
 
     def cut(length, end_with_eos=False):
         start = int(rng.integers(0, len(pool) - length))
-        ids = pool[start: start + length]
+        ids = pool[start : start + length]
         return ids[:-1] + [eos] if end_with_eos else ids
 
     return [(cut(int(p)), cut(int(c), True), cut(int(r), True)) for p, c, r in zip(P, C, R)]
@@ -158,11 +205,16 @@ def batch_order(n: int, batch: int, steps: int, seed: int) -> list:
 
 # --- FLOPs and the device's peak -----------------------------------------------------------------------
 
+
 def shape_of(model_config) -> dict:
     c = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return {"layers": c.num_hidden_layers, "attn_width": c.num_attention_heads * head_dim,
-            "hidden": c.hidden_size, "vocab": c.vocab_size}
+    return {
+        "layers": c.num_hidden_layers,
+        "attn_width": c.num_attention_heads * head_dim,
+        "hidden": c.hidden_size,
+        "vocab": c.vocab_size,
+    }
 
 
 def forward_flops(pairs, shape: dict, backbone_params: int, shared_prompt: bool) -> float:
@@ -170,14 +222,17 @@ def forward_flops(pairs, shape: dict, backbone_params: int, shared_prompt: bool)
     tokens = responses = attn_pairs = 0
     for p, c, r in (map(len, pair) for pair in pairs):
         responses += c + r
-        if shared_prompt:   # [prompt | chosen | rejected]: each response sees the prompt and itself
+        if shared_prompt:  # [prompt | chosen | rejected]: each response sees the prompt and itself
             tokens += p + c + r
             attn_pairs += p * (p + 1) / 2 + c * p + c * (c + 1) / 2 + r * p + r * (r + 1) / 2
         else:
             tokens += 2 * p + c + r
             attn_pairs += (p + c) * (p + c + 1) / 2 + (p + r) * (p + r + 1) / 2
-    return (2 * backbone_params * tokens + 2 * shape["vocab"] * shape["hidden"] * responses
-            + 4 * shape["attn_width"] * shape["layers"] * attn_pairs)
+    return (
+        2 * backbone_params * tokens
+        + 2 * shape["vocab"] * shape["hidden"] * responses
+        + 4 * shape["attn_width"] * shape["layers"] * attn_pairs
+    )
 
 
 def step_flops(pairs, shape, backbone_params, shared_prompt: bool, precomputed: bool) -> float:
@@ -198,7 +253,7 @@ def matmul_peak(device: str, precision: str) -> float:
             a @ b
         sync(device)
         best = min(best, (time.perf_counter() - t0) / (4 if device == "cuda" else 1))
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def sync(device):
@@ -212,13 +267,15 @@ def device_name(device: str) -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        return f"{fields['Model name'].strip()} ({fields['CPU(s)'].strip()} CPUs, torch threads " \
-               f"{torch.get_num_threads()})"
+        return (
+            f"{fields['Model name'].strip()} ({fields['CPU(s)'].strip()} CPUs, torch threads {torch.get_num_threads()})"
+        )
     except (OSError, KeyError):
         return platform.processor() or "cpu"
 
 
 # --- one configuration, in its own process -----------------------------------------------------------
+
 
 def reset_peak_memory(device: str) -> None:
     """Start the training phase's peak here: loading a checkpoint briefly holds its weights twice, a cost
@@ -227,7 +284,7 @@ def reset_peak_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
         return
     try:
-        Path("/proc/self/clear_refs").write_text("5")   # Linux: resets VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
     except OSError:
         pass
 
@@ -235,7 +292,7 @@ def reset_peak_memory(device: str) -> None:
 def peak_memory_mib(device: str) -> float:
     """The training phase's peak: CUDA max allocated, or the RSS high-water mark (VmHWM) since the reset."""
     if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+        return torch.cuda.max_memory_allocated() / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -291,15 +348,28 @@ def run_dpokit(job: dict, pairs: list, work: Path) -> dict:
     from dpokit.train.runtime import setup_distributed
 
     fast = job["layout"] == "fast"
-    cfg = DPOConfig(model=job["model_dir"], dataset="synthetic", output_dir=str(work / "out"), max_length=None,
-                    max_prompt_length=None, learning_rate=job["lr"], lr_scheduler="linear", warmup_steps=0,
-                    per_device_train_batch_size=job["batch"], per_device_eval_batch_size=job["batch"],
-                    max_steps=job["steps"], precision=job["precision"], beta=job["beta"], seed=job["seed"],
-                    padding_free=fast and job["fast_layout"] in ("packed", "prefix_shared_packed"),
-                    prefix_sharing=fast and job["fast_layout"].startswith("prefix_shared"),
-                    logprob_chunk_size=job["chunk_size"] if fast else None,
-                    gradient_checkpointing=job["gc"], precompute_ref_log_probs=job.get("precompute", False),
-                    progress_bar=False)
+    cfg = DPOConfig(
+        model=job["model_dir"],
+        dataset="synthetic",
+        output_dir=str(work / "out"),
+        max_length=None,
+        max_prompt_length=None,
+        learning_rate=job["lr"],
+        lr_scheduler="linear",
+        warmup_steps=0,
+        per_device_train_batch_size=job["batch"],
+        per_device_eval_batch_size=job["batch"],
+        max_steps=job["steps"],
+        precision=job["precision"],
+        beta=job["beta"],
+        seed=job["seed"],
+        padding_free=fast and job["fast_layout"] in ("packed", "prefix_shared_packed"),
+        prefix_sharing=fast and job["fast_layout"].startswith("prefix_shared"),
+        logprob_chunk_size=job["chunk_size"] if fast else None,
+        gradient_checkpointing=job["gc"],
+        precompute_ref_log_probs=job.get("precompute", False),
+        progress_bar=False,
+    )
     examples = [TokenizedPair(list(p), list(c), list(r), row=i) for i, (p, c, r) in enumerate(pairs)]
     ranks = setup_distributed()
     tokenizer = models.load_tokenizer(cfg.model)
@@ -307,10 +377,11 @@ def run_dpokit(job: dict, pairs: list, work: Path) -> dict:
     models.disable_dropout(policy)
     reference = copy.deepcopy(policy).to(ranks.device)
     t0 = time.perf_counter()
-    if cfg.precompute_ref_log_probs:   # as dpokit.dpo's first run: fingerprint, compute, write to an empty cache
+    if cfg.precompute_ref_log_probs:  # as dpokit.dpo's first run: fingerprint, compute, write to an empty cache
         os.environ["DPOKIT_CACHE"] = str(work / "cache")
-        refcache.attach_reference_logps(reference, examples, cfg, tokenizer.pad_token_id, ranks.device,
-                                        use_disk_cache=True)
+        refcache.attach_reference_logps(
+            reference, examples, cfg, tokenizer.pad_token_id, ranks.device, use_disk_cache=True
+        )
         reference = None
     else:
         reference.requires_grad_(False).eval()
@@ -340,8 +411,14 @@ def run_dpokit(job: dict, pairs: list, work: Path) -> dict:
     reset_peak_memory(job["device"])
     loop.train(cfg, policy, TimedStep(reference, cfg), examples, [], collate, ranks, save_fn=None)
     wall, cpu = clock.durations()
-    return {"durations": wall, "cpu_durations": cpu, "losses": [float(x) for x in losses], "order": seen,
-            "precompute_s": precompute_s, "layout": layout_name(cfg.padding_free, cfg.prefix_sharing)}
+    return {
+        "durations": wall,
+        "cpu_durations": cpu,
+        "losses": [float(x) for x in losses],
+        "order": seen,
+        "precompute_s": precompute_s,
+        "layout": layout_name(cfg.padding_free, cfg.prefix_sharing),
+    }
 
 
 def run_trl(job: dict, pairs: list, work: Path) -> dict:
@@ -352,9 +429,14 @@ def run_trl(job: dict, pairs: list, work: Path) -> dict:
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     order = [i for batch in job["order"] for i in batch]
-    data = datasets.Dataset.from_dict({
-        "prompt_ids": [pairs[i][0] for i in order], "chosen_ids": [pairs[i][1] for i in order],
-        "rejected_ids": [pairs[i][2] for i in order], "row": order})
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt_ids": [pairs[i][0] for i in order],
+            "chosen_ids": [pairs[i][1] for i in order],
+            "rejected_ids": [pairs[i][2] for i in order],
+            "row": order,
+        }
+    )
     clock, losses, seen = StepClock(job["device"]), [], []
 
     class Clock(TrainerCallback):
@@ -371,7 +453,7 @@ def run_trl(job: dict, pairs: list, work: Path) -> dict:
 
     class AlignedDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset   # already dpokit's token ids
+            return dataset  # already dpokit's token ids
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -383,28 +465,61 @@ def run_trl(job: dict, pairs: list, work: Path) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
-    args = DPOConfig(output_dir=str(work / "out"), report_to=[],
-                     save_strategy="no", eval_strategy="no", max_steps=job["steps"],
-                     per_device_train_batch_size=job["batch"], gradient_accumulation_steps=1,
-                     learning_rate=job["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                     optim="adamw_torch", max_grad_norm=1.0, beta=job["beta"], loss_type=["sigmoid"],
-                     bf16=job["precision"] == "bf16", fp16=False, gradient_checkpointing=job["gc"],
-                     gradient_checkpointing_kwargs={"use_reentrant": False},
-                     precompute_ref_log_probs=job.get("precompute", False), precompute_ref_batch_size=job["batch"],
-                     max_length=None, train_sampling_strategy="sequential", remove_unused_columns=False,
-                     dataloader_num_workers=0, logging_steps=10, seed=job["seed"], disable_dropout=True,
-                     use_cpu=job["device"] == "cpu", disable_tqdm=True)
+    args = DPOConfig(
+        output_dir=str(work / "out"),
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        max_steps=job["steps"],
+        per_device_train_batch_size=job["batch"],
+        gradient_accumulation_steps=1,
+        learning_rate=job["lr"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        beta=job["beta"],
+        loss_type=["sigmoid"],
+        bf16=job["precision"] == "bf16",
+        fp16=False,
+        gradient_checkpointing=job["gc"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        precompute_ref_log_probs=job.get("precompute", False),
+        precompute_ref_batch_size=job["batch"],
+        max_length=None,
+        train_sampling_strategy="sequential",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        logging_steps=10,
+        seed=job["seed"],
+        disable_dropout=True,
+        use_cpu=job["device"] == "cpu",
+        disable_tqdm=True,
+    )
     collator = Collator(pad_token_id=tokenizer.pad_token_id)
     t0 = time.perf_counter()
-    trainer = AlignedDPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                data_collator=collator, callbacks=[Clock()])
+    trainer = AlignedDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        data_collator=collator,
+        callbacks=[Clock()],
+    )
     precompute_s = time.perf_counter() - t0 if job.get("precompute") else 0.0
-    seen.clear()   # the precompute pass's batches
+    seen.clear()  # the precompute pass's batches
     reset_peak_memory(job["device"])
     trainer.train()
     wall, cpu = clock.durations()
-    return {"durations": wall, "cpu_durations": cpu, "losses": [float(x) for x in losses], "order": seen,
-            "precompute_s": precompute_s, "layout": "padded"}
+    return {
+        "durations": wall,
+        "cpu_durations": cpu,
+        "losses": [float(x) for x in losses],
+        "order": seen,
+        "precompute_s": precompute_s,
+        "layout": "padded",
+    }
 
 
 def child(job_file: str):
@@ -413,6 +528,7 @@ def child(job_file: str):
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     import transformers  # noqa: F401  (the libraries' own memory, before any model: reported as the baseline)
+
     if job["framework"] == "trl":
         import trl  # noqa: F401
     baseline = rss_mib()
@@ -430,6 +546,7 @@ def child(job_file: str):
 
 # --- orchestration -----------------------------------------------------------------------------------
 
+
 def run_job(job: dict, work: Path, timeout: int) -> dict:
     """One configuration in a fresh interpreter (its own peak memory); its measurements, or {'error': ...}."""
     tag = "".join(ch if ch.isalnum() else "_" for ch in job["name"]) + ("_gc" if job["gc"] else "")
@@ -439,8 +556,13 @@ def run_job(job: dict, work: Path, timeout: int) -> dict:
     t0 = time.perf_counter()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     try:
-        proc = subprocess.run([sys.executable, __file__, "--child", str(job_file)], capture_output=True,
-                              text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", str(job_file)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     if proc.returncode != 0:
@@ -452,8 +574,12 @@ def run_job(job: dict, work: Path, timeout: int) -> dict:
 
 
 def summarise(job, result, pairs, shape, backbone_params, peak, warmup) -> dict:
-    row = {"name": job["name"], "framework": job["framework"], "gc": job["gc"],
-           "precompute": job.get("precompute", False)}
+    row = {
+        "name": job["name"],
+        "framework": job["framework"],
+        "gc": job["gc"],
+        "precompute": job.get("precompute", False),
+    }
     if "error" in result:
         return {**row, "error": result["error"]}
     n = len(result["durations"])
@@ -464,13 +590,24 @@ def summarise(job, result, pairs, shape, backbone_params, peak, warmup) -> dict:
     tokens = sum(2 * len(p) + len(c) + len(r) for batch in batches for p, c, r in batch)
     shared = result["layout"].startswith("prefix_shared")
     flops = sum(step_flops(b, shape, backbone_params, shared, row["precompute"]) for b in batches)
-    return {**row, "layout": result["layout"], "timed_steps": len(timed),
-            "step_s": statistics.median(result["durations"][k] for k in timed),
-            "cpu_step_s": statistics.median(result["cpu_durations"][k] for k in timed),
-            "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "mfu": flops / wall / peak,
-            "peak_memory_mib": result["peak_memory_mib"], "process_peak_mib": result.get("process_peak_mib"), "rss_after_imports_mib": result["rss_after_imports_mib"],
-            "precompute_s": result["precompute_s"], "losses": result["losses"], "wall_s": result["wall_s"],
-            "step_times": result["durations"], "cpu_step_times": result["cpu_durations"]}
+    return {
+        **row,
+        "layout": result["layout"],
+        "timed_steps": len(timed),
+        "step_s": statistics.median(result["durations"][k] for k in timed),
+        "cpu_step_s": statistics.median(result["cpu_durations"][k] for k in timed),
+        "tokens_per_s": tokens / wall,
+        "tokens_per_cpu_s": tokens / cpu,
+        "mfu": flops / wall / peak,
+        "peak_memory_mib": result["peak_memory_mib"],
+        "process_peak_mib": result.get("process_peak_mib"),
+        "rss_after_imports_mib": result["rss_after_imports_mib"],
+        "precompute_s": result["precompute_s"],
+        "losses": result["losses"],
+        "wall_s": result["wall_s"],
+        "step_times": result["durations"],
+        "cpu_step_times": result["cpu_durations"],
+    }
 
 
 def best_of(rows: list) -> dict:
@@ -489,8 +626,17 @@ def loss_gaps(rows: list) -> None:
     dpokit, the same reference setting; TRL's precomputed run is compared with TRL's plain one)."""
     for row in rows:
         baseline = row["framework"] == "trl"
-        ref = next((r for r in rows if r["framework"] == "trl" and r["gc"] == row["gc"] and "losses" in r
-                    and r["precompute"] == (row["precompute"] and not baseline)), None)
+        ref = next(
+            (
+                r
+                for r in rows
+                if r["framework"] == "trl"
+                and r["gc"] == row["gc"]
+                and "losses" in r
+                and r["precompute"] == (row["precompute"] and not baseline)
+            ),
+            None,
+        )
         if ref is None or ref is row or "losses" not in row:
             continue
         n = min(PARITY_STEPS, len(row["losses"]), len(ref["losses"]))
@@ -503,76 +649,136 @@ def ratio(row, base, key):
 
 
 def main_table(rows: list) -> str:
-    lines = ["| configuration | grad ckpt | layout | step s | CPU s/step | tokens/s | vs TRL | vs TRL (CPU time) "
-             "| peak MiB | vs TRL | MFU | ref precompute s | max abs loss diff vs TRL (steps) |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| configuration | grad ckpt | layout | step s | CPU s/step | tokens/s | vs TRL | vs TRL (CPU time) "
+        "| peak MiB | vs TRL | MFU | ref precompute s | max abs loss diff vs TRL (steps) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
         gc = "on" if row["gc"] else "off"
         if "error" in row:
             lines.append(f"| {row['name']} | {gc} | failed: {row['error'][:80]} |" + " |" * 10)
             continue
-        base = next((r for r in rows if r["framework"] == "trl" and r["gc"] == row["gc"]
-                     and not r["precompute"] and "error" not in r), None)
+        base = next(
+            (
+                r
+                for r in rows
+                if r["framework"] == "trl" and r["gc"] == row["gc"] and not r["precompute"] and "error" not in r
+            ),
+            None,
+        )
         diff = f"{row['loss_max_abs_diff']:.1e} ({row['loss_steps_compared']})" if "loss_max_abs_diff" in row else ""
-        lines.append(f"| {row['name']} | {gc} | {row['layout']} | {row['step_s']:.2f} | {row['cpu_step_s']:.2f} "
-                     f"| {row['tokens_per_s']:,.0f} | {ratio(row, base, 'tokens_per_s'):.2f}x "
-                     f"| {ratio(row, base, 'tokens_per_cpu_s'):.2f}x | {row['peak_memory_mib']:,.0f} "
-                     f"| {ratio(row, base, 'peak_memory_mib'):.2f}x | {100 * row['mfu']:.1f}% "
-                     f"| {row['precompute_s']:.1f} | {diff or '(baseline)'} |")
+        lines.append(
+            f"| {row['name']} | {gc} | {row['layout']} | {row['step_s']:.2f} | {row['cpu_step_s']:.2f} "
+            f"| {row['tokens_per_s']:,.0f} | {ratio(row, base, 'tokens_per_s'):.2f}x "
+            f"| {ratio(row, base, 'tokens_per_cpu_s'):.2f}x | {row['peak_memory_mib']:,.0f} "
+            f"| {ratio(row, base, 'peak_memory_mib'):.2f}x | {100 * row['mfu']:.1f}% "
+            f"| {row['precompute_s']:.1f} | {diff or '(baseline)'} |"
+        )
     return "\n".join(lines)
 
 
 def scaling_table(rows: list) -> str:
-    lines = ["| sweep | seq len | batch | framework | step s | CPU s/step | tokens/s | peak MiB | MFU "
-             "| dpokit/TRL tokens/s | dpokit/TRL tokens/CPU s | dpokit/TRL peak |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| sweep | seq len | batch | framework | step s | CPU s/step | tokens/s | peak MiB | MFU "
+        "| dpokit/TRL tokens/s | dpokit/TRL tokens/CPU s | dpokit/TRL peak |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row in rows:
         head = f"| {row['sweep']} | {row['seq_len']} | {row['batch']} | {row['name']} |"
         if "error" in row:
             lines.append(f"{head} failed: {row['error'][:60]} |" + " |" * 7)
             continue
-        trl = next((r for r in rows if r["sweep"] == row["sweep"] and r["seq_len"] == row["seq_len"]
-                    and r["batch"] == row["batch"] and r["framework"] == "trl" and "error" not in r), None)
+        trl = next(
+            (
+                r
+                for r in rows
+                if r["sweep"] == row["sweep"]
+                and r["seq_len"] == row["seq_len"]
+                and r["batch"] == row["batch"]
+                and r["framework"] == "trl"
+                and "error" not in r
+            ),
+            None,
+        )
         rel = " | | "
         if row["framework"] == "dpokit" and trl:
-            rel = (f"{ratio(row, trl, 'tokens_per_s'):.2f}x | {ratio(row, trl, 'tokens_per_cpu_s'):.2f}x "
-                   f"| {ratio(row, trl, 'peak_memory_mib'):.2f}x")
-        lines.append(f"{head} {row['step_s']:.2f} | {row['cpu_step_s']:.2f} | {row['tokens_per_s']:,.0f} "
-                     f"| {row['peak_memory_mib']:,.0f} | {100 * row['mfu']:.1f}% | {rel} |")
+            rel = (
+                f"{ratio(row, trl, 'tokens_per_s'):.2f}x | {ratio(row, trl, 'tokens_per_cpu_s'):.2f}x "
+                f"| {ratio(row, trl, 'peak_memory_mib'):.2f}x"
+            )
+        lines.append(
+            f"{head} {row['step_s']:.2f} | {row['cpu_step_s']:.2f} | {row['tokens_per_s']:,.0f} "
+            f"| {row['peak_memory_mib']:,.0f} | {100 * row['mfu']:.1f}% | {rel} |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default", help=f"'default' (embedded SmolLM2-135M) or one of {', '.join(ARCHS)}")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default="default", help=f"'default' (embedded SmolLM2-135M) or one of {', '.join(ARCHS)}"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per configuration (>= 20 for the loss check)")
+    ap.add_argument(
+        "--steps", type=int, default=20, help="optimizer steps per configuration (>= 20 for the loss check)"
+    )
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the timings")
-    ap.add_argument("--batch", type=int, default=None, help="pairs per step, both frameworks (default: 2 on CPU, 8 on GPU)")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="auto: bf16 where the device computes it natively, else fp32 (dpokit's rule)")
-    ap.add_argument("--scale", type=float, default=None, help="multiply every length of the length distribution "
-                    "(default: 0.2 on CPU, 1 on GPU)")
+    ap.add_argument(
+        "--batch", type=int, default=None, help="pairs per step, both frameworks (default: 2 on CPU, 8 on GPU)"
+    )
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 where the device computes it natively, else fp32 (dpokit's rule)",
+    )
+    ap.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="multiply every length of the length distribution (default: 0.2 on CPU, 1 on GPU)",
+    )
     ap.add_argument("--lr", type=float, default=1e-5, help="learning rate (large enough that the loss moves)")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=1, help="run every configuration this many times, interleaved, "
-                    "and keep the fastest (on a shared machine)")
-    ap.add_argument("--chunk-size", type=int, default=1024, help="dpokit's logprob_chunk_size in its fast configuration")
-    ap.add_argument("--fast-layout", default=None, choices=["packed", "prefix_shared", "prefix_shared_packed"],
-                    help="dpokit's layout in its fast configuration (default: prefix_shared_packed on CPU, where it "
-                    "measured fastest; prefix_shared on GPU, where one (L, L) mask over a whole packed batch would "
-                    "make sdpa attend across all of it)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every configuration this many times, interleaved, and keep the fastest (on a shared machine)",
+    )
+    ap.add_argument(
+        "--chunk-size", type=int, default=1024, help="dpokit's logprob_chunk_size in its fast configuration"
+    )
+    ap.add_argument(
+        "--fast-layout",
+        default=None,
+        choices=["packed", "prefix_shared", "prefix_shared_packed"],
+        help="dpokit's layout in its fast configuration (default: prefix_shared_packed on CPU, where it "
+        "measured fastest; prefix_shared on GPU, where one (L, L) mask over a whole packed batch would "
+        "make sdpa attend across all of it)",
+    )
     ap.add_argument("--gc", default="off,on", help="gradient checkpointing settings of the main table")
-    ap.add_argument("--seq-lens", default=None, help="scaling sweep over sequence length at batch 1 (CPU) / --batch "
-                    "(GPU) (default: 256,512,1024 on CPU; 256,...,4096 on GPU); empty to skip")
-    ap.add_argument("--batches", default=None, help="scaling sweep over batch size at sequence length 256 (CPU) / "
-                    "1024 (GPU) (default: 1,2,4 on CPU; 1,2,4,8,16 on GPU); empty to skip")
+    ap.add_argument(
+        "--seq-lens",
+        default=None,
+        help="scaling sweep over sequence length at batch 1 (CPU) / --batch "
+        "(GPU) (default: 256,512,1024 on CPU; 256,...,4096 on GPU); empty to skip",
+    )
+    ap.add_argument(
+        "--batches",
+        default=None,
+        help="scaling sweep over batch size at sequence length 256 (CPU) / "
+        "1024 (GPU) (default: 1,2,4 on CPU; 1,2,4,8,16 on GPU); empty to skip",
+    )
     ap.add_argument("--scaling-steps", type=int, default=3, help="steps per scaling point (the first is not timed)")
-    ap.add_argument("--scaling-trl", action=argparse.BooleanOptionalAction, default=True,
-                    help="run TRL at every scaling point too")
+    ap.add_argument(
+        "--scaling-trl", action=argparse.BooleanOptionalAction, default=True, help="run TRL at every scaling point too"
+    )
     ap.add_argument("--skip-main", action="store_true", help="only the scaling sweeps")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration before it counts as failed")
     ap.add_argument("--work", default=None, help="directory for the model and data files (default: a temp dir)")
@@ -619,17 +825,39 @@ def main(argv=None):
     # both frameworks get the same concrete precision: dpokit's `auto` rule, resolved once here
     args.precision = resolve_precision(args.precision, args.device)
     peak = matmul_peak(args.device, args.precision)
-    info = {"device": device_name(args.device), "model": args.model, "model_dir": str(model_dir),
-            "backbone_params": backbone_params, "shape": shape, "precision": args.precision,
-            "matmul_peak_tflops": peak / 1e12, "torch": torch.__version__, "transformers": transformers.__version__,
-            "trl": trl.__version__, "threads": torch.get_num_threads(),
-            "command": "python bench/vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    info = {
+        "device": device_name(args.device),
+        "model": args.model,
+        "model_dir": str(model_dir),
+        "backbone_params": backbone_params,
+        "shape": shape,
+        "precision": args.precision,
+        "matmul_peak_tflops": peak / 1e12,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "threads": torch.get_num_threads(),
+        "command": "python bench/vs_trl.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     print(f"device: {info['device']}; measured {args.precision} matmul peak {peak / 1e12:.3f} TFLOP/s", flush=True)
 
-    common = {"model_dir": str(model_dir), "device": args.device, "precision": args.precision, "lr": args.lr,
-              "beta": args.beta, "seed": args.seed, "chunk_size": args.chunk_size, "fast_layout": fast_layout,
-              "threads": args.threads}
-    results = {"info": info, "settings": {**vars(args), "scale": scale, "batch": batch, "fast_layout": fast_layout}, "main": [], "scaling": []}
+    common = {
+        "model_dir": str(model_dir),
+        "device": args.device,
+        "precision": args.precision,
+        "lr": args.lr,
+        "beta": args.beta,
+        "seed": args.seed,
+        "chunk_size": args.chunk_size,
+        "fast_layout": fast_layout,
+        "threads": args.threads,
+    }
+    results = {
+        "info": info,
+        "settings": {**vars(args), "scale": scale, "batch": batch, "fast_layout": fast_layout},
+        "main": [],
+        "scaling": [],
+    }
 
     def save():
         (out / "vs_trl.json").write_text(json.dumps(results, indent=1))
@@ -641,19 +869,36 @@ def main(argv=None):
         data_file.write_text(json.dumps(pairs))
         order = batch_order(n, batch, args.steps, args.seed)
         lengths = {k: [len(p[i]) for p in pairs] for i, k in enumerate(("prompt", "chosen", "rejected"))}
-        info["data"] = {k: {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": min(v), "max": max(v)}
-                        for k, v in lengths.items()}
-        jobs = [{**common, **opts, "framework": framework, "name": name, "gc": gc, "steps": args.steps,
-                 "batch": batch, "data": str(data_file), "order": order}
-                for gc in [s.strip() == "on" for s in args.gc.split(",") if s.strip()]
-                for framework, name, opts in CONFIGS]
+        info["data"] = {
+            k: {"mean": float(np.mean(v)), "median": float(np.median(v)), "min": min(v), "max": max(v)}
+            for k, v in lengths.items()
+        }
+        jobs = [
+            {
+                **common,
+                **opts,
+                "framework": framework,
+                "name": name,
+                "gc": gc,
+                "steps": args.steps,
+                "batch": batch,
+                "data": str(data_file),
+                "order": order,
+            }
+            for gc in [s.strip() == "on" for s in args.gc.split(",") if s.strip()]
+            for framework, name, opts in CONFIGS
+        ]
         runs = [[] for _ in jobs]
         for r in range(args.repeats):
             for job, done in zip(jobs, runs):
-                print(f"main: {job['name']}, gradient checkpointing {'on' if job['gc'] else 'off'} "
-                      f"(run {r + 1} of {args.repeats}) ...", flush=True)
-                done.append(summarise(job, run_job(job, work, args.timeout), pairs, shape, backbone_params, peak,
-                                      args.warmup))
+                print(
+                    f"main: {job['name']}, gradient checkpointing {'on' if job['gc'] else 'off'} "
+                    f"(run {r + 1} of {args.repeats}) ...",
+                    flush=True,
+                )
+                done.append(
+                    summarise(job, run_job(job, work, args.timeout), pairs, shape, backbone_params, peak, args.warmup)
+                )
                 results["main"] = [best_of(d) for d in runs if d]
                 loss_gaps(results["main"])
                 save()
@@ -667,8 +912,17 @@ def main(argv=None):
         data_file.write_text(json.dumps(pairs))
         order = batch_order(len(pairs), b, args.scaling_steps, args.seed)
         for framework, name, opts in frameworks:
-            job = {**common, **opts, "framework": framework, "name": f"{name} {seq_len}x{b}", "gc": False,
-                   "steps": args.scaling_steps, "batch": b, "data": str(data_file), "order": order}
+            job = {
+                **common,
+                **opts,
+                "framework": framework,
+                "name": f"{name} {seq_len}x{b}",
+                "gc": False,
+                "steps": args.scaling_steps,
+                "batch": b,
+                "data": str(data_file),
+                "order": order,
+            }
             print(f"scaling: {name}, sequence length {seq_len}, batch {b} ...", flush=True)
             row = summarise(job, run_job(job, work, args.timeout), pairs, shape, backbone_params, peak, 1)
             results["scaling"].append({**row, "name": name, "sweep": sweep, "seq_len": seq_len, "batch": b})
@@ -682,23 +936,34 @@ def main(argv=None):
 
 def report(results, args, scale, batch) -> str:
     info = results["info"]
-    lines = [f"# dpokit vs TRL {info['trl']} ({args.device})", "",
-             f"- command: `{info['command']}`",
-             f"- device: {info['device']}; measured {args.precision} matmul peak "
-             f"{info['matmul_peak_tflops']:.3f} TFLOP/s with {info['threads']} threads",
-             f"- model: {args.model} ({info['backbone_params'] / 1e6:.0f}M non-embedding parameters, vocab "
-             f"{info['shape']['vocab']}); {args.precision}; torch {info['torch']}, transformers {info['transformers']}",
-             f"- {batch} pairs per step, {args.steps} steps, timed: steps {args.warmup + 1}..{args.steps}, lr {args.lr}, "
-             f"beta {args.beta}, length scale {scale}, best of {args.repeats} run(s) per configuration"]
+    lines = [
+        f"# dpokit vs TRL {info['trl']} ({args.device})",
+        "",
+        f"- command: `{info['command']}`",
+        f"- device: {info['device']}; measured {args.precision} matmul peak "
+        f"{info['matmul_peak_tflops']:.3f} TFLOP/s with {info['threads']} threads",
+        f"- model: {args.model} ({info['backbone_params'] / 1e6:.0f}M non-embedding parameters, vocab "
+        f"{info['shape']['vocab']}); {args.precision}; torch {info['torch']}, transformers {info['transformers']}",
+        f"- {batch} pairs per step, {args.steps} steps, timed: steps {args.warmup + 1}..{args.steps}, lr {args.lr}, "
+        f"beta {args.beta}, length scale {scale}, best of {args.repeats} run(s) per configuration",
+    ]
     if "data" in info:
-        lines.append("- lengths in tokens (mean / median / min-max): " + "; ".join(
-            f"{k} {v['mean']:.0f} / {v['median']:.0f} / {v['min']}-{v['max']}" for k, v in info["data"].items()))
+        lines.append(
+            "- lengths in tokens (mean / median / min-max): "
+            + "; ".join(
+                f"{k} {v['mean']:.0f} / {v['median']:.0f} / {v['min']}-{v['max']}" for k, v in info["data"].items()
+            )
+        )
     if results["main"]:
         lines += ["", main_table(results["main"])]
     if results["scaling"]:
-        lines += ["", f"Scaling (no gradient checkpointing; every sequence the stated length: prompt half of it, "
-                      f"each response the other half; {args.scaling_steps} steps, the first not timed):", "",
-                  scaling_table(results["scaling"])]
+        lines += [
+            "",
+            f"Scaling (no gradient checkpointing; every sequence the stated length: prompt half of it, "
+            f"each response the other half; {args.scaling_steps} steps, the first not timed):",
+            "",
+            scaling_table(results["scaling"]),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -34,8 +34,8 @@ import json
 import random
 import sys
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -88,16 +88,17 @@ def make_titles(rng: random.Random) -> list:
 
 def make_prompts(titles: list, rng: random.Random) -> list:
     return [
-        rng.choice(TEMPLATES).format(title=t, genre=rng.choice(GENRES), year=rng.randint(1950, 2024))
-        for t in titles
+        rng.choice(TEMPLATES).format(title=t, genre=rng.choice(GENRES), year=rng.randint(1950, 2024)) for t in titles
     ]
 
 
 @torch.inference_mode()
 def sample_pairs(model, tok, prompts: list, max_new_tokens: int, temperature: float, top_k: int):
     """Two sampled responses per prompt -> list of (text_a, text_b); a text is None if it did not end with EOS."""
-    chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in prompts]
+    chats = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
     enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
     mask = enc.attention_mask
     pos = (mask.cumsum(1) - 1).clamp(min=0)
@@ -136,8 +137,11 @@ def sample_pairs(model, tok, prompts: list, max_new_tokens: int, temperature: fl
             active, nxt, mask, pos = active[keep], nxt[keep], mask[keep], pos[keep]
         mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], 1)
         pos = pos + 1
-        logits = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True).logits[:, -1].float()
+        logits = (
+            model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            .logits[:, -1]
+            .float()
+        )
     texts = [tok.decode(t, skip_special_tokens=True).strip() if e else None for t, e in zip(tokens, ended)]
     return [(texts[2 * i], texts[2 * i + 1]) for i in range(len(prompts))]
 
@@ -145,7 +149,7 @@ def sample_pairs(model, tok, prompts: list, max_new_tokens: int, temperature: fl
 def make_split(name, model, tok, prompts, n_pairs, args, stats):
     rows, used, t0 = [], 0, time.time()
     for start in range(0, len(prompts), args.batch_prompts):
-        batch = prompts[start:start + args.batch_prompts]
+        batch = prompts[start : start + args.batch_prompts]
         tb = time.time()
         pairs = sample_pairs(model, tok, batch, args.max_new_tokens, args.temperature, args.top_k)
         stats["batch_seconds"].append(time.time() - tb)
@@ -167,16 +171,21 @@ def make_split(name, model, tok, prompts, n_pairs, args, stats):
                 stats["drop_tie"] += 1
                 continue
             (c, sc), (r, sr) = sorted([(a, sa), (b, sb)], key=lambda x: -x[1])
-            rows.append({
-                "prompt": [{"role": "user", "content": prompt}],
-                "chosen": [{"role": "assistant", "content": c}],
-                "rejected": [{"role": "assistant", "content": r}],
-                "score_chosen": sc,
-                "score_rejected": sr,
-            })
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": c}],
+                    "rejected": [{"role": "assistant", "content": r}],
+                    "score_chosen": sc,
+                    "score_rejected": sr,
+                }
+            )
         dt = time.time() - t0
-        print(f"[{name}] prompts {used}/{len(prompts)}  pairs {len(rows)}/{n_pairs}  "
-              f"{dt:.0f}s  ({2 * used / dt:.1f} responses/s)", flush=True)
+        print(
+            f"[{name}] prompts {used}/{len(prompts)}  pairs {len(rows)}/{n_pairs}  "
+            f"{dt:.0f}s  ({2 * used / dt:.1f} responses/s)",
+            flush=True,
+        )
         if len(rows) >= n_pairs:
             break
     if len(rows) < n_pairs:
@@ -198,16 +207,24 @@ def summary(rows):
 
 def write_readme(out: Path, args, s_train, s_test, stats, seconds):
     argv = f"--out {args.out} --seed {args.seed} --n-train {args.n_train} --n-test {args.n_test}"
-    extra = [f"--{k.replace('_', '-')} {v}" for k, v in
-             [("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature), ("top_k", args.top_k),
-              ("batch_prompts", args.batch_prompts), ("dtype", args.dtype)]
-             if v != DEFAULTS[k]]
+    extra = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in [
+            ("max_new_tokens", args.max_new_tokens),
+            ("temperature", args.temperature),
+            ("top_k", args.top_k),
+            ("batch_prompts", args.batch_prompts),
+            ("dtype", args.dtype),
+        ]
+        if v != DEFAULTS[k]
+    ]
     cmd = " ".join([".venv/bin/python data/make_sentiment_pairs.py", argv, *extra])
     kept = s_train["n"] + s_test["n"]
     table = "\n".join(
         f"| {name} | {s['n']} | {s['mean_chosen']:+.3f} | {s['mean_rejected']:+.3f} | "
         f"{s['frac_chosen_pos']:.1%} | {s['frac_rejected_neg']:.1%} |"
-        for name, s in (("train", s_train), ("test", s_test)))
+        for name, s in (("train", s_train), ("test", s_test))
+    )
     text = f"""# Sentiment preference pairs
 
 A small preference dataset for the DPO paper's controlled-sentiment task, made with the embedded model.
@@ -226,15 +243,16 @@ Written by `data/make_sentiment_pairs.py` (see its docstring); regenerate with
   chosen = the higher-scoring response.
 - **Filtering**: a response must end with EOS within the token limit (complete), and is stripped; a pair is
   dropped if either response is incomplete or empty, the two are identical, or |score difference| < 1e-6.
-  Of {stats['train_prompts'] + stats['test_prompts']} prompts used ({stats['responses']} responses,
-  {stats['incomplete']} incomplete): {stats['drop_incomplete']} pairs dropped as incomplete,
-  {stats['drop_empty']} empty, {stats['drop_identical']} identical, {stats['drop_tie']} tied; {kept} kept
+  Of {stats["train_prompts"] + stats["test_prompts"]} prompts used ({stats["responses"]} responses,
+  {stats["incomplete"]} incomplete): {stats["drop_incomplete"]} pairs dropped as incomplete,
+  {stats["drop_empty"]} empty, {stats["drop_identical"]} identical, {stats["drop_tie"]} tied; {kept} kept
   (spare pairs past the target are not written).
 - **Format**: TRL conversational preference rows, one JSON object per line:
   `{{"prompt": [{{"role": "user", ...}}], "chosen": [{{"role": "assistant", ...}}], "rejected": [...],
   "score_chosen": float, "score_rejected": float}}`.
-- **Generation time**: {seconds / 60:.1f} min wall-clock on the CPU ({torch.get_num_threads()} threads); median
-  {median(stats['batch_seconds']):.1f} s per batch of {args.batch_prompts} prompts ({len(stats['batch_seconds'])} batches).
+- **Generation time**: {seconds / 60:.1f} min wall-clock on the CPU ({torch.get_num_threads()} threads);
+  median {median(stats["batch_seconds"]):.1f} s per batch of {args.batch_prompts} prompts
+  ({len(stats["batch_seconds"])} batches).
 
 | split | pairs | mean score chosen | mean score rejected | chosen positive | rejected negative |
 |---|---|---|---|---|---|
@@ -255,8 +273,9 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
     ap.add_argument("--temperature", type=float, default=DEFAULTS["temperature"])
     ap.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help="0 = no top-k cut")
-    ap.add_argument("--batch-prompts", type=int, default=DEFAULTS["batch_prompts"],
-                    help="prompts per batch (2 responses each)")
+    ap.add_argument(
+        "--batch-prompts", type=int, default=DEFAULTS["batch_prompts"], help="prompts per batch (2 responses each)"
+    )
     ap.add_argument("--dtype", default=DEFAULTS["dtype"], choices=["bfloat16", "float32"])
     ap.add_argument("--pool", type=float, default=3.0, help="prompts available per wanted pair")
     args = ap.parse_args()
@@ -268,7 +287,7 @@ def main():
     if n_test_pool + n_train_pool > len(titles):
         sys.exit(f"only {len(titles)} titles for {n_test_pool + n_train_pool} prompts; lower --pool")
     test_prompts = make_prompts(titles[:n_test_pool], rng)
-    train_prompts = make_prompts(titles[n_test_pool:n_test_pool + n_train_pool], rng)
+    train_prompts = make_prompts(titles[n_test_pool : n_test_pool + n_train_pool], rng)
     print(f"{len(titles)} titles; prompt pools: test {len(test_prompts)}, train {len(train_prompts)}", flush=True)
 
     torch.manual_seed(args.seed)
@@ -276,8 +295,7 @@ def main():
     tok.padding_side = "left"
     model = load_model("default", dtype=getattr(torch, args.dtype)).eval()
 
-    stats = dict.fromkeys(["responses", "incomplete", "drop_incomplete", "drop_empty", "drop_identical",
-                           "drop_tie"], 0)
+    stats = dict.fromkeys(["responses", "incomplete", "drop_incomplete", "drop_empty", "drop_identical", "drop_tie"], 0)
     stats["batch_seconds"] = []
     t0 = time.time()
     test = make_split("test", model, tok, test_prompts, args.n_test, args, stats)

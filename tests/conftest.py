@@ -37,10 +37,19 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
-                      pad_token_id=smol_tokenizer.pad_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=smol_tokenizer.bos_token_id,
+        eos_token_id=smol_tokenizer.eos_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(cfg)
     out = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(out, safe_serialization=True)
@@ -54,12 +63,20 @@ def write_jsonl(path, rows):
     return path
 
 
-def conversational_rows(n=len(REVIEWS)):
-    return [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
-             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in (REVIEWS * 10)[:n]]
+def conversational_rows(n=None):
+    n = len(REVIEWS) if n is None else n
+    return [
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "chosen": [{"role": "assistant", "content": c}],
+            "rejected": [{"role": "assistant", "content": r}],
+        }
+        for p, c, r in (REVIEWS * 10)[:n]
+    ]
 
 
-def standard_rows(n=len(REVIEWS)):
+def standard_rows(n=None):
+    n = len(REVIEWS) if n is None else n
     return [{"prompt": p + "\n", "chosen": c, "rejected": r} for p, c, r in (REVIEWS * 10)[:n]]
 
 

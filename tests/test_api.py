@@ -51,8 +51,17 @@ def test_bad_rows_in_memory_name_the_argument_row_and_field(tiny_model_dir, tmp_
     assert not (tmp_path / "o").exists()
 
 
-COMMON = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
-          "precision": "fp32", "progress_bar": False, "seed": 3, "beta": 0.1, "padding_free": True}
+COMMON = {
+    "max_steps": 3,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1e-3,
+    "logging_steps": 1,
+    "precision": "fp32",
+    "progress_bar": False,
+    "seed": 3,
+    "beta": 0.1,
+    "padding_free": True,
+}
 
 
 def test_api_with_objects_gives_the_command_line_weights_bitwise(tiny_model_dir, tmp_path):
@@ -64,13 +73,27 @@ def test_api_with_objects_gives_the_command_line_weights_bitwise(tiny_model_dir,
     rows = standard_rows(16)
     write_jsonl(tmp_path / "pairs.jsonl", rows)
     args = [f"{k}={v}" for k, v in COMMON.items()]
-    assert main(["dpo", f"model={tiny_model_dir}", f"dataset={tmp_path / 'pairs.jsonl'}",
-                 f"output_dir={tmp_path / 'cli'}", *args]) == 0
+    assert (
+        main(
+            [
+                "dpo",
+                f"model={tiny_model_dir}",
+                f"dataset={tmp_path / 'pairs.jsonl'}",
+                f"output_dir={tmp_path / 'cli'}",
+                *args,
+            ]
+        )
+        == 0
+    )
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    result = dpokit.dpo(dpokit.DPOConfig(output_dir=str(tmp_path / "api"), **COMMON), model=model,
-                        tokenizer=tokenizer, train_dataset=datasets.Dataset.from_list(rows))
+    result = dpokit.dpo(
+        dpokit.DPOConfig(output_dir=str(tmp_path / "api"), **COMMON),
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=datasets.Dataset.from_list(rows),
+    )
     assert result.model is model and result.output_dir == tmp_path / "api"
     cli = load_file(tmp_path / "cli" / "model.safetensors")
     api = load_file(tmp_path / "api" / "model.safetensors")
@@ -78,8 +101,9 @@ def test_api_with_objects_gives_the_command_line_weights_bitwise(tiny_model_dir,
     assert all(torch.equal(cli[k], api[k]) for k in cli)
     in_memory = dict(model.named_parameters())
     assert all(torch.equal(in_memory[k], api[k]) for k in api if k in in_memory)
-    assert [r for r in result.metrics if "loss" in r] == \
-        [json.loads(x) for x in (tmp_path / "api" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r for r in result.metrics if "loss" in r] == [
+        json.loads(x) for x in (tmp_path / "api" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ]
     cli_rows = [json.loads(x) for x in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in cli_rows if "loss" in r] == [r["loss"] for r in result.metrics if "loss" in r]
     saved = (tmp_path / "api" / "config.yaml").read_text()
@@ -111,8 +135,17 @@ def test_a_callback_stops_the_run_at_step_3_with_a_loadable_checkpoint(tiny_mode
             seen["end"] += 1
 
     out = tmp_path / "o"
-    result = dpokit.dpo({"model": str(tiny_model_dir), "dataset": str(pref_dir), "output_dir": str(out),
-                         **COMMON, "max_steps": 10, "max_eval_examples": 2}, callbacks=[Stop()])
+    result = dpokit.dpo(
+        {
+            "model": str(tiny_model_dir),
+            "dataset": str(pref_dir),
+            "output_dir": str(out),
+            **COMMON,
+            "max_steps": 10,
+            "max_eval_examples": 2,
+        },
+        callbacks=[Stop()],
+    )
     assert result.stopped_early
     assert seen == {"logs": [1, 2, 3], "evals": [0, 3], "saves": ["checkpoint-3"], "begin": 1, "end": 1}
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-3")
@@ -120,21 +153,38 @@ def test_a_callback_stops_the_run_at_step_3_with_a_loadable_checkpoint(tiny_mode
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["step"] == 3
     # and the run continues from there when asked
-    resumed = dpokit.dpo({"model": str(tiny_model_dir), "dataset": str(pref_dir), "output_dir": str(out),
-                          **COMMON, "max_steps": 10, "max_eval_examples": 2, "resume": "auto"})
+    resumed = dpokit.dpo(
+        {
+            "model": str(tiny_model_dir),
+            "dataset": str(pref_dir),
+            "output_dir": str(out),
+            **COMMON,
+            "max_steps": 10,
+            "max_eval_examples": 2,
+            "resume": "auto",
+        }
+    )
     assert not resumed.stopped_early and [r["step"] for r in resumed.metrics if "loss" in r] == list(range(1, 11))
 
 
 def test_builtin_callbacks_are_rank_zero_outputs(tiny_model_dir, pref_dir, tmp_path):
     """metrics.jsonl and training_curves.png come from callbacks, written inside the run (under its lock)."""
     out = tmp_path / "o"
-    dpokit.dpo({"model": str(tiny_model_dir), "dataset": str(pref_dir), "output_dir": str(out), **COMMON,
-                "max_eval_examples": 2})
+    dpokit.dpo(
+        {
+            "model": str(tiny_model_dir),
+            "dataset": str(pref_dir),
+            "output_dir": str(out),
+            **COMMON,
+            "max_eval_examples": 2,
+        }
+    )
     assert (out / "training_curves.png").stat().st_size > 0
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 3]
 
 
 # --- the examples of the docs, run as written (on the tiny model, in a scratch directory) ---------------
+
 
 def python_blocks(path: Path) -> list:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
@@ -142,7 +192,7 @@ def python_blocks(path: Path) -> list:
 
 def run_example(code: str, tiny_model_dir, workdir: Path):
     assert 'model_dir = "default"' in code
-    code = code.replace('model_dir = "default"', f'model_dir = {str(tiny_model_dir)!r}')
+    code = code.replace('model_dir = "default"', f"model_dir = {str(tiny_model_dir)!r}")
     (workdir / "data").mkdir(exist_ok=True)
     if not (workdir / "data" / "sentiment").exists():
         os.symlink(ROOT / "data" / "sentiment", workdir / "data" / "sentiment")
@@ -154,8 +204,9 @@ def run_example(code: str, tiny_model_dir, workdir: Path):
         os.chdir(cwd)
 
 
-DOC_EXAMPLES = [(ROOT / "docs" / "api.md", i) for i in range(len(python_blocks(ROOT / "docs" / "api.md")))] + \
-    [(ROOT / "README.md", i) for i in range(len(python_blocks(ROOT / "README.md")))]
+DOC_EXAMPLES = [(ROOT / "docs" / "api.md", i) for i in range(len(python_blocks(ROOT / "docs" / "api.md")))] + [
+    (ROOT / "README.md", i) for i in range(len(python_blocks(ROOT / "README.md")))
+]
 
 
 def test_the_docs_have_examples():

@@ -63,21 +63,41 @@ def test_folder_of_split_files(pref_dir):
 GOOD = {"prompt": "p", "chosen": "c", "rejected": "r"}
 
 
-@pytest.mark.parametrize("lines,expected", [
-    ([GOOD, {"prompt": "p", "chosen": "c"}], "row 2: field 'rejected': missing"),
-    ([GOOD, {**GOOD, "chosen": ""}], "row 2: field 'chosen': empty string"),
-    ([GOOD, {**GOOD, "chosen": "   "}], "row 2: field 'chosen': empty string"),
-    ([GOOD, {**GOOD, "prompt": 3}], "row 2: field 'prompt': expected a string, got int"),
-    ([GOOD, {**GOOD, "rejected": None}], "row 2: field 'rejected': missing"),
-    ([{"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "c"}],
-       "rejected": [{"role": "assistant"}]}],
-     "row 1: field 'rejected': each message needs 'role' and 'content'"),
-    ([{"prompt": [], "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}],
-     "row 1: field 'prompt': empty list of messages"),
-    ([{"text": "x"}], "row 1: field 'chosen': missing"),
-    ([{"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "r"}],
-     "row 1: field 'prompt': expected a list of messages, got str"),
-])
+@pytest.mark.parametrize(
+    "lines,expected",
+    [
+        ([GOOD, {"prompt": "p", "chosen": "c"}], "row 2: field 'rejected': missing"),
+        ([GOOD, {**GOOD, "chosen": ""}], "row 2: field 'chosen': empty string"),
+        ([GOOD, {**GOOD, "chosen": "   "}], "row 2: field 'chosen': empty string"),
+        ([GOOD, {**GOOD, "prompt": 3}], "row 2: field 'prompt': expected a string, got int"),
+        ([GOOD, {**GOOD, "rejected": None}], "row 2: field 'rejected': missing"),
+        (
+            [
+                {
+                    "prompt": [{"role": "user", "content": "p"}],
+                    "chosen": [{"role": "assistant", "content": "c"}],
+                    "rejected": [{"role": "assistant"}],
+                }
+            ],
+            "row 1: field 'rejected': each message needs 'role' and 'content'",
+        ),
+        (
+            [
+                {
+                    "prompt": [],
+                    "chosen": [{"role": "assistant", "content": "c"}],
+                    "rejected": [{"role": "assistant", "content": "r"}],
+                }
+            ],
+            "row 1: field 'prompt': empty list of messages",
+        ),
+        ([{"text": "x"}], "row 1: field 'chosen': missing"),
+        (
+            [{"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": "r"}],
+            "row 1: field 'prompt': expected a list of messages, got str",
+        ),
+    ],
+)
 def test_bad_rows(tmp_path, lines, expected):
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
     with pytest.raises(UserError, match=expected) as e:
@@ -85,12 +105,15 @@ def test_bad_rows(tmp_path, lines, expected):
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("content,expected", [
-    (b"", "no rows"),
-    (b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": \n', "row 2: malformed JSON"),
-    (b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n[1, 2]\n', "row 2: expected a JSON object"),
-    (b'{"prompt": "p\xff", "chosen": "c", "rejected": "r"}\n', "row 1: not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"", "no rows"),
+        (b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": \n', "row 2: malformed JSON"),
+        (b'{"prompt": "p", "chosen": "c", "rejected": "r"}\n[1, 2]\n', "row 2: expected a JSON object"),
+        (b'{"prompt": "p\xff", "chosen": "c", "rejected": "r"}\n', "row 1: not valid UTF-8"),
+    ],
+)
 def test_bad_files(tmp_path, content, expected):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)

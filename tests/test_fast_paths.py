@@ -17,9 +17,18 @@ from dpokit.commands.dpo import DPOConfig
 def run_dpo(tiny_model_dir, pref_dir, out, **kw):
     """fp32 unless told otherwise: the fast paths give the padded run's numbers to fp32 rounding; under bf16
     (what precision=auto picks on a CPU with avx512_bf16) layouts round differently."""
-    cfg = DPOConfig(model=str(tiny_model_dir), dataset=str(pref_dir), output_dir=str(out),
-                    per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, progress_bar=False,
-                    max_eval_examples=4, optimizer="rmsprop", **{"max_steps": 3, "precision": "fp32", **kw})
+    cfg = DPOConfig(
+        model=str(tiny_model_dir),
+        dataset=str(pref_dir),
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        progress_bar=False,
+        max_eval_examples=4,
+        optimizer="rmsprop",
+        **{"max_steps": 3, "precision": "fp32", **kw},
+    )
     return dpo.dpo(cfg).model
 
 
@@ -39,11 +48,19 @@ def padded_run(tiny_model_dir, tmp_path_factory):
     return d, out
 
 
-@pytest.mark.parametrize("switches", [
-    {"padding_free": True}, {"prefix_sharing": True}, {"padding_free": True, "prefix_sharing": True},
-    {"logprob_chunk_size": 7}, {"padding_free": True, "logprob_chunk_size": 5}, {"gradient_checkpointing": True},
-    {"precompute_ref_log_probs": True},
-], ids=lambda s: "+".join(s))
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {"padding_free": True},
+        {"prefix_sharing": True},
+        {"padding_free": True, "prefix_sharing": True},
+        {"logprob_chunk_size": 7},
+        {"padding_free": True, "logprob_chunk_size": 5},
+        {"gradient_checkpointing": True},
+        {"precompute_ref_log_probs": True},
+    ],
+    ids=lambda s: "+".join(s),
+)
 def test_fast_path_matches_padded_run(padded_run, tiny_model_dir, tmp_path, switches, monkeypatch):
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
     data, padded = padded_run
@@ -65,7 +82,9 @@ def test_precomputed_reference_is_cached_across_a_beta_sweep(padded_run, tiny_mo
     stamp = files[0].stat().st_mtime_ns
     calls = []
     real_compute = dpo.refcache.compute_reference_logps
-    monkeypatch.setattr(dpo.refcache, "compute_reference_logps", lambda *a, **k: calls.append(1) or real_compute(*a, **k))
+    monkeypatch.setattr(
+        dpo.refcache, "compute_reference_logps", lambda *a, **k: calls.append(1) or real_compute(*a, **k)
+    )
     run_dpo(tiny_model_dir, data, tmp_path / "b2", precompute_ref_log_probs=True, beta=0.5)
     assert calls == [1]  # held-out pairs only; the training pairs came from the cache
     assert list((tmp_path / "cache" / "ref_logps").iterdir()) == files and files[0].stat().st_mtime_ns == stamp
@@ -82,8 +101,17 @@ def test_precomputed_reference_under_bf16(padded_run, tiny_model_dir, tmp_path, 
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
     data, _ = padded_run
     out = tmp_path / "bf16"
-    run_dpo(tiny_model_dir, data, out, precision="bf16", precompute_ref_log_probs=True, max_steps=1,
-            per_device_eval_batch_size=3, eval_steps=1, **layout)
+    run_dpo(
+        tiny_model_dir,
+        data,
+        out,
+        precision="bf16",
+        precompute_ref_log_probs=True,
+        max_steps=1,
+        per_device_eval_batch_size=3,
+        eval_steps=1,
+        **layout,
+    )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first_eval = next(r for r in rows if "eval/rewards/margins" in r)
     assert first_eval["eval/rewards/chosen"] == first_eval["eval/rewards/rejected"] == 0.0
@@ -94,8 +122,7 @@ def test_precomputed_reference_under_bf16(padded_run, tiny_model_dir, tmp_path, 
 def test_lora_trains_against_its_base_and_saves_a_merged_model(padded_run, tiny_model_dir, tmp_path):
     data, _ = padded_run
     out = tmp_path / "lora"
-    run_dpo(tiny_model_dir, data, out, use_lora=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"],
-            save_steps=2)
+    run_dpo(tiny_model_dir, data, out, use_lora=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"], save_steps=2)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["eval/rewards/margins"] == 0.0  # pi_ref is the base: identical before training
     assert rows[-1]["eval/loss"] < rows[0]["eval/loss"]
@@ -107,8 +134,16 @@ def test_lora_trains_against_its_base_and_saves_a_merged_model(padded_run, tiny_
     assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
     # resume from the adapter checkpoint: the same merged model
     shutil.copytree(out / "checkpoint-2", tmp_path / "ckpt")
-    run_dpo(tiny_model_dir, data, tmp_path / "resumed", use_lora=True, lora_r=4,
-            lora_target_modules=["q_proj", "v_proj"], save_steps=2, resume=str(tmp_path / "ckpt"))
+    run_dpo(
+        tiny_model_dir,
+        data,
+        tmp_path / "resumed",
+        use_lora=True,
+        lora_r=4,
+        lora_target_modules=["q_proj", "v_proj"],
+        save_steps=2,
+        resume=str(tmp_path / "ckpt"),
+    )
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed")
     assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in merged.named_parameters())
 
@@ -118,5 +153,7 @@ def test_lora_reference_is_the_base_with_adapters_disabled(tiny_model_dir):
 
     cfg = load_config(DPOConfig, None, ["dataset=x", "use_lora=true", "lora_r=2"])
     policy = models.add_lora(models.load_model(str(tiny_model_dir)), cfg)
-    assert sum(p.numel() for p in policy.parameters() if p.requires_grad) < \
-        sum(p.numel() for p in policy.parameters()) / 10
+    assert (
+        sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        < sum(p.numel() for p in policy.parameters()) / 10
+    )

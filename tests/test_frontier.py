@@ -20,12 +20,35 @@ PPO_CFG = {"algorithm": "ppo", "kl_coef": 0.05, "adaptive_kl": False, "learning_
 
 def eval_result(reward, kl, model="runs/x", reward_se=0.05, kl_se=0.1, ref_reward=0.1, reward_fn="vader"):
     """What `dpokit eval` writes (evaluate.run), with the fields frontier reads."""
-    return {"dataset": "data/sentiment/test.jsonl", "pairs": 64, "beta": 0.1, "reward_fn": reward_fn, "num_samples": 64,
-            "reference": {"model": "default", "implicit_reward_accuracy": 0.5, "implicit_reward_margin": 0.0,
-                          "reward": ref_reward, "reward_se": 0.04, "kl": 0.0, "kl_se": 0.0, "samples": []},
-            "policy": {"model": model, "implicit_reward_accuracy": 0.7, "implicit_reward_margin": 0.3,
-                       "reward": reward, "reward_se": reward_se, "kl": kl, "kl_se": kl_se, "samples": [],
-                       "win_rate": 0.6, "win_rate_se": 0.05}}
+    return {
+        "dataset": "data/sentiment/test.jsonl",
+        "pairs": 64,
+        "beta": 0.1,
+        "reward_fn": reward_fn,
+        "num_samples": 64,
+        "reference": {
+            "model": "default",
+            "implicit_reward_accuracy": 0.5,
+            "implicit_reward_margin": 0.0,
+            "reward": ref_reward,
+            "reward_se": 0.04,
+            "kl": 0.0,
+            "kl_se": 0.0,
+            "samples": [],
+        },
+        "policy": {
+            "model": model,
+            "implicit_reward_accuracy": 0.7,
+            "implicit_reward_margin": 0.3,
+            "reward": reward,
+            "reward_se": reward_se,
+            "kl": kl,
+            "kl_se": kl_se,
+            "samples": [],
+            "win_rate": 0.6,
+            "win_rate_se": 0.05,
+        },
+    }
 
 
 def checkpoint(run_dir, step, cfg, reward, kl, **kw):
@@ -61,11 +84,18 @@ def test_frontier_points_methods_table_and_png(runs, tmp_path, capsys):
     got = [(p["method"], p["setting"], p["step"], p["kl"], p["reward"], p["on_front"]) for p in result["points"]]
     # one point per (run, step): the final directory of dpo-beta0.1 is its checkpoint-24, read once
     # the front is the method's, across its runs: beta=1's (0.6, 0.25) beats beta=0.1's (1.0, 0.2)
-    assert got == [("dpo", "beta=0.1", 8, 1.0, 0.2, False), ("dpo", "beta=0.1", 16, 2.0, 0.5, True),
-                   ("dpo", "beta=0.1", 24, 3.0, 0.4, False),  # checkpoint-16 has less KL and more reward
-                   ("dpo", "beta=1", 8, 0.3, 0.15, True), ("dpo", "beta=1", 16, 0.6, 0.25, True),
-                   ("ppo", "kl_coef=0.05", 6, 4.0, 0.3, True), ("ppo", "kl_coef=0.05", 12, 6.0, 0.45, True)]
-    assert {p["run"] for p in result["points"]} == {str((runs / d).resolve()) for d in ("dpo-beta0.1", "dpo-beta1", "ppo-kl0.05")}
+    assert got == [
+        ("dpo", "beta=0.1", 8, 1.0, 0.2, False),
+        ("dpo", "beta=0.1", 16, 2.0, 0.5, True),
+        ("dpo", "beta=0.1", 24, 3.0, 0.4, False),  # checkpoint-16 has less KL and more reward
+        ("dpo", "beta=1", 8, 0.3, 0.15, True),
+        ("dpo", "beta=1", 16, 0.6, 0.25, True),
+        ("ppo", "kl_coef=0.05", 6, 4.0, 0.3, True),
+        ("ppo", "kl_coef=0.05", 12, 6.0, 0.45, True),
+    ]
+    assert {p["run"] for p in result["points"]} == {
+        str((runs / d).resolve()) for d in ("dpo-beta0.1", "dpo-beta1", "ppo-kl0.05")
+    }
     p = result["points"][0]
     assert (p["reward_se"], p["kl_se"], p["win_rate"], p["implicit_reward_accuracy"]) == (0.05, 0.1, 0.6, 0.7)
     (ref,) = result["references"]
@@ -145,16 +175,33 @@ def bad(runs, tmp_path, case):
     elif case == "different rewards":
         f.write_text(json.dumps(eval_result(0.2, 1.0, model=str(f.parent), reward_fn="rm:runs/rm")))
         return str(runs), f, "scored with reward 'rm:runs/rm'"
-    expected = {"malformed json": "not valid JSON", "not an object": "expected a `dpokit eval` result",
-                "no policy": "field 'policy' missing", "no reward (eval without reward=)": "field 'policy.reward' missing",
-                "kl not a number": "field 'policy.kl': expected a number"}[case]
+    expected = {
+        "malformed json": "not valid JSON",
+        "not an object": "expected a `dpokit eval` result",
+        "no policy": "field 'policy' missing",
+        "no reward (eval without reward=)": "field 'policy.reward' missing",
+        "kl not a number": "field 'policy.kl': expected a number",
+    }[case]
     return str(runs), f, expected
 
 
-@pytest.mark.parametrize("case", ["missing path", "empty directory", "glob matches nothing", "malformed json",
-                                  "not an object", "no policy", "no reward (eval without reward=)", "kl not a number",
-                                  "no run beside it", "broken trainer state", "not a training config",
-                                  "different rewards"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing path",
+        "empty directory",
+        "glob matches nothing",
+        "malformed json",
+        "not an object",
+        "no policy",
+        "no reward (eval without reward=)",
+        "kl not a number",
+        "no run beside it",
+        "broken trainer state",
+        "not a training config",
+        "different rewards",
+    ],
+)
 def test_frontier_bad_input_is_one_line_naming_the_file(case, runs, tmp_path, capsys):
     inputs, named, expected = bad(runs, tmp_path, case)
     out = tmp_path / "out"
@@ -174,8 +221,16 @@ def test_sentiment_driver_end_to_end_smoke(tiny_model_dir, tmp_path):
     every checkpoint is evaluated (PPO's without transformers' report on its value head), the frontier is
     drawn from the runs' own configs; a second invocation finds every stage done and only redraws."""
     out = tmp_path / "sentiment"
-    cmd = [sys.executable, "examples/sentiment/run.py", "--scale", "smoke", "--model", str(tiny_model_dir),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "examples/sentiment/run.py",
+        "--scale",
+        "smoke",
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -203,9 +258,12 @@ def test_frontier_final_directory_without_checkpoints_takes_the_last_logged_step
     run = tmp_path / "ipo"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({**DPO_CFG, "loss_type": ["ipo"], "beta": 0.5}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
-                                               [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 0.5},
-                                                {"step": 20, "eval/loss": 0.6}]))
+    (run / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [{"step": 10, "loss": 1.0}, {"step": 20, "loss": 0.5}, {"step": 20, "eval/loss": 0.6}]
+        )
+    )
     (run / "eval.json").write_text(json.dumps(eval_result(0.3, 1.5, model=str(run))))
     out = tmp_path / "f"
     assert main(["frontier", f"inputs={run / 'eval.json'}", f"output_dir={out}"]) == 0

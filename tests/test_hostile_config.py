@@ -26,7 +26,10 @@ OVERRIDES = {
     # ranges
     "seed-negative": (["seed=-1"], "key 'seed': must be in [0, 2**32)"),
     "seed-huge": (["seed=4294967296"], "key 'seed': must be in [0, 2**32)"),
-    "int-beyond-64-bits": (["max_steps=99999999999999999999999"], "key 'max_steps': 99999999999999999999999 is out of range"),
+    "int-beyond-64-bits": (
+        ["max_steps=99999999999999999999999"],
+        "key 'max_steps': 99999999999999999999999 is out of range",
+    ),
     "int-4301-digits": (["max_steps=" + "9" * 4301], "key 'max_steps': '99999"),
     "lora-dropout-one": (["lora_dropout=1.0"], "key 'lora_dropout': must be in [0, 1)"),
     "lora-dropout-negative": (["lora_dropout=-0.1"], "key 'lora_dropout': must be in [0, 1)"),
@@ -40,8 +43,10 @@ OVERRIDES = {
     "word-for-bool": (["use_lora=maybe"], "key 'use_lora': 'maybe' is not a valid bool"),
     "null-for-float": (["beta=null"], "key 'beta': 'null' is not a valid float"),
     # combinations
-    "lora-trdpo-without-reference": (["use_lora=true", "ref_sync_steps=2"],
-                                     "key 'ref_sync_steps': TR-DPO moves the reference, so with use_lora"),
+    "lora-trdpo-without-reference": (
+        ["use_lora=true", "ref_sync_steps=2"],
+        "key 'ref_sync_steps': TR-DPO moves the reference, so with use_lora",
+    ),
     "kto-reference-free": (["loss_type=kto", "reference_free=true"], "key 'reference_free': not supported with kto"),
     "kto-combined": (["loss_type=kto,sigmoid"], "key 'loss_type': kto trains on unpaired data"),
     "precision-fp16": (["precision=fp16"], "key 'precision': 'fp16' is not one of auto, fp32, bf16"),
@@ -114,16 +119,45 @@ def test_missing_and_directory_config_files(tmp_path, capsys):
 
 # --- valid input that once was mangled or rejected ------------------------------------------------------
 
-@pytest.mark.parametrize("value", ["runs/my run #3", "runs/a: b", "runs/[x]", "runs/{y}", "yes", "null",
-                                   "0.10", "~/out", "runs/'q'", "!tag", "&anchor", "*alias", "runs/%x"])
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "runs/my run #3",
+        "runs/a: b",
+        "runs/[x]",
+        "runs/{y}",
+        "yes",
+        "null",
+        "0.10",
+        "~/out",
+        "runs/'q'",
+        "!tag",
+        "&anchor",
+        "*alias",
+        "runs/%x",
+    ],
+)
 def test_override_values_reach_string_keys_as_typed(value):
     assert load_config(DPOConfig, None, ["dataset=x", f"output_dir={value}"]).output_dir == value
 
 
 def test_override_values_are_converted_by_the_key_type():
-    cfg = load_config(DPOConfig, None, ["dataset=d.jsonl", "beta=0.25", "max_steps=3", "use_lora=yes",
-                                        "max_prompt_length=none", "loss_type=sigmoid,sft", "loss_weights=1,0.5",
-                                        "lora_target_modules=[q_proj, 'v_proj']", "eval_dataset="])
+    cfg = load_config(
+        DPOConfig,
+        None,
+        [
+            "dataset=d.jsonl",
+            "beta=0.25",
+            "max_steps=3",
+            "use_lora=yes",
+            "max_prompt_length=none",
+            "loss_type=sigmoid,sft",
+            "loss_weights=1,0.5",
+            "lora_target_modules=[q_proj, 'v_proj']",
+            "eval_dataset=",
+        ],
+    )
     assert (cfg.beta, cfg.max_steps, cfg.use_lora, cfg.max_prompt_length) == (0.25, 3, True, None)
     assert cfg.loss_type == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.5]
     assert cfg.lora_target_modules == ["q_proj", "v_proj"] and cfg.eval_dataset is None

@@ -24,17 +24,30 @@ from dpokit.commands import dpo
 from dpokit.errors import Interrupted, UserError
 from dpokit.report import read_metrics
 from dpokit.train import checkpoint, loop
-from dpokit.train.metrics import truncate_metrics
 from dpokit.train.lock import LOCK_NAME, RunLock
+from dpokit.train.metrics import truncate_metrics
 
 TIMING_KEYS = {"tokens_per_second", "peak_memory_mb"}
 
 
 def args(model_dir, data, out, *extra):
     # 16 pairs in batches of 2, 3 steps; a checkpoint after each (checkpoint-3 is the final one)
-    return ["dpo", f"model={model_dir}", f"dataset={data}", f"output_dir={out}", "max_steps=3",
-            "per_device_train_batch_size=2", "save_steps=1", "logging_steps=1", "learning_rate=1e-3",
-            "max_eval_examples=2", "progress_bar=false", "seed=3", "precision=fp32", *extra]
+    return [
+        "dpo",
+        f"model={model_dir}",
+        f"dataset={data}",
+        f"output_dir={out}",
+        "max_steps=3",
+        "per_device_train_batch_size=2",
+        "save_steps=1",
+        "logging_steps=1",
+        "learning_rate=1e-3",
+        "max_eval_examples=2",
+        "progress_bar=false",
+        "seed=3",
+        "precision=fp32",
+        *extra,
+    ]
 
 
 def metrics(out):
@@ -44,8 +57,10 @@ def metrics(out):
 
 def listing(directory):
     """Every path under a directory with its bytes: to assert that nothing was written."""
-    return {p.relative_to(directory).as_posix(): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(directory.rglob("*"))}
+    return {
+        p.relative_to(directory).as_posix(): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(directory.rglob("*"))
+    }
 
 
 @pytest.fixture
@@ -57,6 +72,7 @@ def cli(capsys, caplog):
         capsys.readouterr()
         code = main([str(a) for a in argv])
         return code, capsys.readouterr().err
+
     return run
 
 
@@ -103,6 +119,7 @@ def same_as_baseline(out, baseline):
 
 # --- damaged checkpoints ----------------------------------------------------------------------------------
 
+
 def truncate(f):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
@@ -132,15 +149,19 @@ DAMAGE = {
     "flipped-weight-byte": (lambda c: flip_byte(c / "model.safetensors"), "model.safetensors"),
     "edited-step": (edit_step, "trainer_state.json"),
     "edited-data-position": (edit_data_position, "trainer_state.json"),
-    "stale-optimizer": (lambda c: shutil.copy(c.parent / "checkpoint-2" / "optimizer.pt", c / "optimizer.pt"),
-                        "optimizer.pt"),
+    "stale-optimizer": (
+        lambda c: shutil.copy(c.parent / "checkpoint-2" / "optimizer.pt", c / "optimizer.pt"),
+        "optimizer.pt",
+    ),
     "missing-manifest": (lambda c: (c / "manifest.json").unlink(), "manifest.json"),
     "garbage-manifest": (lambda c: (c / "manifest.json").write_text("not json"), "manifest.json"),
     "missing-state": (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json"),
     "truncated-rng": (lambda c: truncate(c / "rng_state.pt"), "rng_state.pt"),
     "missing-weights": (lambda c: (c / "model.safetensors").unlink(), "model.safetensors"),
-    "extra-shard": (lambda c: shutil.copy(c / "model.safetensors", c / "model-00002-of-00002.safetensors"),
-                    "model-00002-of-00002.safetensors"),
+    "extra-shard": (
+        lambda c: shutil.copy(c / "model.safetensors", c / "model-00002-of-00002.safetensors"),
+        "model-00002-of-00002.safetensors",
+    ),
 }
 
 
@@ -156,10 +177,13 @@ def test_verify_names_the_damaged_file(baseline, tmp_path, damage):
     assert problem is not None and culprit in problem, problem
 
 
-@pytest.mark.parametrize("damage", ["truncated-safetensors", "flipped-weight-byte", "edited-data-position",
-                                    "stale-optimizer", "missing-manifest"])
-def test_auto_resume_falls_back_past_a_damaged_checkpoint(baseline, run_copy, tiny_model_dir, data, cli, caplog,
-                                                          damage):
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated-safetensors", "flipped-weight-byte", "edited-data-position", "stale-optimizer", "missing-manifest"],
+)
+def test_auto_resume_falls_back_past_a_damaged_checkpoint(
+    baseline, run_copy, tiny_model_dir, data, cli, caplog, damage
+):
     out = run_copy
     DAMAGE[damage][0](out / "checkpoint-3")
     (out / "model.safetensors").unlink()  # as if killed after the last checkpoint, before the final model
@@ -173,8 +197,9 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint(baseline, run_copy, ti
 
 
 @pytest.mark.parametrize("damage", ["truncated-safetensors", "flipped-weight-byte", "missing-optimizer"])
-def test_explicit_resume_of_a_damaged_checkpoint_fails_naming_the_file(baseline, run_copy, tiny_model_dir, data,
-                                                                       cli, tmp_path, damage):
+def test_explicit_resume_of_a_damaged_checkpoint_fails_naming_the_file(
+    baseline, run_copy, tiny_model_dir, data, cli, tmp_path, damage
+):
     DAMAGE[damage][0](run_copy / "checkpoint-2")
     fresh = tmp_path / "fresh"
     code, err = cli(args(tiny_model_dir, data, fresh, f"resume={run_copy / 'checkpoint-2'}"))
@@ -193,8 +218,9 @@ def test_auto_resume_with_every_checkpoint_damaged_fails_writing_nothing(run_cop
     assert listing(run_copy) == before
 
 
-def test_checkpoint_from_before_manifests_is_accepted_with_a_warning(baseline, run_copy, tiny_model_dir, data, cli,
-                                                                     caplog):
+def test_checkpoint_from_before_manifests_is_accepted_with_a_warning(
+    baseline, run_copy, tiny_model_dir, data, cli, caplog
+):
     for ckpt in checkpoint.list_checkpoints(run_copy):  # what an older dpokit wrote
         (ckpt / "manifest.json").unlink()
         state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -220,6 +246,7 @@ def test_old_checkpoint_with_a_truncated_optimizer_is_one_error(run_copy, tiny_m
 
 
 # --- one writer per output_dir ----------------------------------------------------------------------------
+
 
 def test_second_run_on_a_locked_output_dir_fails_before_writing(run_copy, tiny_model_dir, data, cli):
     before = listing(run_copy)
@@ -262,18 +289,20 @@ def hook(monkeypatch):
     real = dpo.DPOStep
 
     def install(at, action=None):
-        monkeypatch.setattr(dpo, "DPOStep", real if at is None else
-                            lambda *a, **k: Hook(real(*a, **k), at, action))
+        monkeypatch.setattr(dpo, "DPOStep", real if at is None else lambda *a, **k: Hook(real(*a, **k), at, action))
+
     return install
 
 
-def test_concurrent_second_run_is_refused_and_the_first_is_untouched(baseline, tiny_model_dir, data, cli, tmp_path,
-                                                                     hook, capsys):
+def test_concurrent_second_run_is_refused_and_the_first_is_untouched(
+    baseline, tiny_model_dir, data, cli, tmp_path, hook, capsys
+):
     out, seen = tmp_path / "run", {}
 
     def second_run():  # while the first trains step 2, a second process of the same command starts
         seen["code"] = main(args(tiny_model_dir, data, out))
         seen["err"] = capsys.readouterr().err
+
     hook(2, second_run)
     code, err = cli(args(tiny_model_dir, data, out))
     assert code == 0, err
@@ -286,8 +315,9 @@ def test_stale_lock_of_a_dead_process_is_taken_over(baseline, run_copy, tiny_mod
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     pid = int(dead.stdout)
     (run_copy / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "then"}))
     (run_copy / "model.safetensors").unlink()
@@ -309,18 +339,23 @@ def test_lock_is_released_when_the_run_fails(run_copy, tiny_model_dir, data, cli
 
 # --- a full disk while saving -----------------------------------------------------------------------------
 
+
 def fail_in(path_part, exc):
     def check(path):
         if path_part in str(path):
             raise exc
+
     return check
 
 
 def raising_torch_save(real):
     def save(obj, f, *a, **k):
-        fail_in("checkpoint-2", RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos "
-                                             "(No space left on device)"))(f)
+        fail_in(
+            "checkpoint-2",
+            RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos (No space left on device)"),
+        )(f)
         return real(obj, f, *a, **k)
+
     return save
 
 
@@ -330,6 +365,7 @@ def patch_model_writer(monkeypatch, path_part, exc):
     def save(model, tokenizer, out_dir, merge_lora=False):
         fail_in(path_part, exc)(out_dir)
         return real(model, tokenizer, out_dir, merge_lora)
+
     monkeypatch.setattr(models, "save_model", save)
 
 
@@ -341,6 +377,7 @@ def patch_tokenizer_writer(monkeypatch, path_part, exc):
     def save(self, save_directory, *a, **k):
         fail_in(path_part, exc)(save_directory)
         return real(self, save_directory, *a, **k)
+
     monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", save)
 
 
@@ -350,6 +387,7 @@ def patch_manifest_writer(monkeypatch, path_part, exc):
     def write(directory):
         fail_in(path_part, exc)(directory)
         return real(directory)
+
     monkeypatch.setattr(checkpoint, "write_manifest", write)
 
 
@@ -362,16 +400,17 @@ def safetensor_error():
 WRITERS = {
     "torch-save-RuntimeError": lambda mp: mp.setattr(checkpoint.torch, "save", raising_torch_save(torch.save)),
     "safetensors-SafetensorError": lambda mp: patch_model_writer(mp, "checkpoint-2", safetensor_error()),
-    "tokenizer-OSError": lambda mp: patch_tokenizer_writer(mp, "checkpoint-2",
-                                                           OSError(errno.ENOSPC, "No space left on device")),
-    "manifest-OSError": lambda mp: patch_manifest_writer(mp, "checkpoint-2",
-                                                         OSError(errno.ENOSPC, "No space left on device")),
+    "tokenizer-OSError": lambda mp: patch_tokenizer_writer(
+        mp, "checkpoint-2", OSError(errno.ENOSPC, "No space left on device")
+    ),
+    "manifest-OSError": lambda mp: patch_manifest_writer(
+        mp, "checkpoint-2", OSError(errno.ENOSPC, "No space left on device")
+    ),
 }
 
 
 @pytest.mark.parametrize("writer", list(WRITERS))
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny_model_dir, data, cli, tmp_path, monkeypatch,
-                                                              writer):
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tiny_model_dir, data, cli, tmp_path, monkeypatch, writer):
     WRITERS[writer](monkeypatch)
     out = tmp_path / "run"
     code, err = cli(args(tiny_model_dir, data, out))
@@ -404,12 +443,14 @@ def test_final_save_replaces_an_earlier_models_shards(tmp_path):
     def write(d):
         (d / "model.safetensors").write_text("new")
         return "merged"
+
     assert checkpoint.save_final(out, write) == "merged"
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.safetensors"]
     assert (out / "model.safetensors").read_text() == "new"
 
 
 # --- metrics.jsonl across kills ---------------------------------------------------------------------------
+
 
 def test_torn_last_metrics_line_is_dropped_on_resume(baseline, run_copy, tiny_model_dir, data, cli, caplog):
     shutil.rmtree(run_copy / "checkpoint-3")
@@ -431,8 +472,13 @@ def test_resume_at_the_final_step_writes_no_duplicate_rows(baseline, run_copy, t
 
 def test_truncate_metrics_keeps_rows_up_to_the_step(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
-    rows = [{"step": 0, "eval/loss": 1.0}, {"step": 2, "loss": 0.9}, {"step": 4, "loss": 0.8},
-            {"step": 4, "eval/loss": 0.7}, {"step": 6, "loss": 0.6}]
+    rows = [
+        {"step": 0, "eval/loss": 1.0},
+        {"step": 2, "loss": 0.9},
+        {"step": 4, "loss": 0.8},
+        {"step": 4, "eval/loss": 0.7},
+        {"step": 6, "loss": 0.6},
+    ]
     text = "".join(json.dumps(r) + "\n" for r in rows)
     path.write_text(text + "{oops\n" + '{"step": 7, "lo')
     truncate_metrics(path, 4, drop_eval=True)
@@ -449,26 +495,31 @@ def test_read_metrics_leaves_out_a_torn_line(tmp_path, caplog):
 
 # --- model directories that are not models --------------------------------------------------------------
 
+
 def edit_config(**kw):
     def f(d):
         cfg = json.loads((d / "config.json").read_text())
         cfg.update(kw)
         (d / "config.json").write_text(json.dumps(cfg))
+
     return f
 
 
 BAD_MODELS = {
     "unknown-model-type": (edit_config(model_type="nonexistent"), "nonexistent"),
-    "needs-remote-code": (edit_config(model_type="custom_thing", auto_map={"AutoConfig": "c.Config",
-                                                                            "AutoModelForCausalLM": "m.Model"}),
-                          "trust_remote_code=true"),
+    "needs-remote-code": (
+        edit_config(model_type="custom_thing", auto_map={"AutoConfig": "c.Config", "AutoModelForCausalLM": "m.Model"}),
+        "trust_remote_code=true",
+    ),
     "truncated-weights": (lambda d: truncate(d / "model.safetensors"), "cannot load model"),
     "garbage-weights": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), "cannot load model"),
     "missing-weights": (lambda d: (d / "model.safetensors").unlink(), "cannot load model"),
     "missing-config": (lambda d: (d / "config.json").unlink(), "not a model directory (no config.json)"),
     "config-not-json": (lambda d: (d / "config.json").write_text("{model_type: llama"), "cannot load"),
-    "not-a-model-dir": (lambda d: [p.unlink() for p in d.iterdir()] and write_jsonl(d / "train.jsonl", []),
-                        "not a model directory"),
+    "not-a-model-dir": (
+        lambda d: [p.unlink() for p in d.iterdir()] and write_jsonl(d / "train.jsonl", []),
+        "not a model directory",
+    ),
 }
 
 
@@ -495,9 +546,9 @@ def test_a_file_that_is_not_a_model_is_one_error(data, cli, tmp_path):
 
 # --- signals ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_second_signal_stops_at_once_with_its_own_code(baseline, tiny_model_dir, data, cli, tmp_path, hook, sig,
-                                                       code):
+def test_second_signal_stops_at_once_with_its_own_code(baseline, tiny_model_dir, data, cli, tmp_path, hook, sig, code):
     out = tmp_path / "run"
     hook(2, lambda: (os.kill(os.getpid(), sig), os.kill(os.getpid(), sig)))
     got, err = cli(args(tiny_model_dir, data, out))
@@ -522,6 +573,7 @@ def test_stop_signal_unit_codes():
 
 # --- weights that overflow ------------------------------------------------------------------------------
 
+
 def test_weights_made_nonfinite_by_the_optimizer_are_never_saved(tiny_model_dir, data, cli, tmp_path, monkeypatch):
     real_step = torch.optim.AdamW.step
     calls = {"n": 0}
@@ -533,6 +585,7 @@ def test_weights_made_nonfinite_by_the_optimizer_are_never_saved(tiny_model_dir,
             with torch.no_grad():
                 self.param_groups[0]["params"][0].mul_(float("inf"))
         return out
+
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     out = tmp_path / "run"
     code, err = cli(args(tiny_model_dir, data, out))
@@ -560,6 +613,7 @@ def test_learning_rate_beyond_float32_is_one_error(tiny_model_dir, data, cli, tm
 
 # --- file modes -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_checkpoint_directories_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
@@ -573,6 +627,7 @@ def test_checkpoint_directories_follow_the_umask(tmp_path, umask):
             from safetensors.torch import save_file
 
             save_file(model.state_dict(), str(d / "model.safetensors"))
+
         path = checkpoint.save_checkpoint(out, 1, write, opt, {})
     finally:
         os.umask(old)

@@ -38,9 +38,17 @@ SETTINGS = [(layout, chunk) for layout in LAYOUTS for chunk in (None, CHUNK)]
 
 def tiny_llama(attn="sdpa", tie=False, seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=tie, attn_implementation=attn)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(cfg).float()
 
 
@@ -55,6 +63,7 @@ UNEVEN = [(5, 7, 3), (1, 2, 9), (12, 4, 4), (3, 11, 1)]
 
 
 # --- bookkeeping, by hand ------------------------------------------------------------------------------
+
 
 def test_packed_layout_by_hand():
     pairs = [TokenizedPair([1, 2], [3, 4, 5], [6]), TokenizedPair([7], [8], [9, 10])]
@@ -76,8 +85,10 @@ def test_prefix_shared_layout_by_hand():
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 0, 0]]
     # rejected starts at position len(prompt), as chosen does
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2], [0, 1, 1, 2, 0, 0]]
-    assert b["segment_ids"].tolist() == [[PROMPT, PROMPT, CHOSEN, CHOSEN, CHOSEN, REJECTED],
-                                         [PROMPT, CHOSEN, REJECTED, REJECTED, -1, -1]]
+    assert b["segment_ids"].tolist() == [
+        [PROMPT, PROMPT, CHOSEN, CHOSEN, CHOSEN, REJECTED],
+        [PROMPT, CHOSEN, REJECTED, REJECTED, -1, -1],
+    ]
     # the first rejected token (6; 9) is predicted from the last prompt token (flat 1; 6), not from chosen
     assert b["logit_positions"].tolist() == [1, 2, 3, 1, 6, 6, 8]
     assert b["target_ids"].tolist() == [3, 4, 5, 6, 8, 9, 10]
@@ -93,16 +104,19 @@ def test_prefix_shared_mask_by_hand():
     # one block [p p c c r r] and a padding token
     seq = torch.tensor([[0, 0, 0, 0, 0, 0, -1]])
     seg = torch.tensor([[PROMPT, PROMPT, CHOSEN, CHOSEN, REJECTED, REJECTED, -1]])
-    expected = torch.tensor([
-        # p  p  c  c  r  r  pad
-        [1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 0, 0, 1, 0, 0],   # rejected: the prompt and itself, never chosen
-        [1, 1, 0, 0, 1, 1, 0],
-        [0, 0, 0, 0, 0, 0, 1],   # padding: only itself, so no softmax row is empty
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            # p  p  c  c  r  r  pad
+            [1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 1, 0, 0],  # rejected: the prompt and itself, never chosen
+            [1, 1, 0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 0, 0, 1],  # padding: only itself, so no softmax row is empty
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(prefix_shared_mask(seq, seg)[0, 0], expected)
 
 
@@ -113,6 +127,7 @@ def test_layout_names():
 
 
 # --- the contract: every layout gives the padded layout's numbers --------------------------------------
+
 
 @pytest.mark.parametrize("layout,chunk", SETTINGS)
 def test_logps_match_padded_on_real_pairs(tiny_model_dir, smol_tokenizer, layout, chunk):
@@ -134,9 +149,17 @@ def peaked_llama(vocab_size, hidden_size=32, head_std=1.0, seed=0, **kw):
     vocabulary (the embedded tokenizer's), logits with a spread of ~5.6 and a max ~24 above their mean
     (SmolLM2-135M on chat text: 3.5 and 21), from an untied head of std head_std. fp32, eval mode."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=3 * hidden_size,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, tie_word_embeddings=False, **kw)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        **kw,
+    )
     model = LlamaForCausalLM(cfg).float().eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, head_std)
@@ -151,8 +174,10 @@ def sampled_pairs(model, tokenizer, n_pairs=4, length=200, seed=1):
     prompts = [tokenize_pair(tokenizer, r).prompt_ids for r in conversational_rows(n_pairs)]
     torch.manual_seed(seed)
     responses = sample_responses(model, tokenizer, prompts * 2, length, batch_size=2 * n_pairs)
-    return [TokenizedPair(p, c, r, row=i) for i, (p, c, r) in enumerate(zip(prompts, responses[:n_pairs],
-                                                                           responses[n_pairs:]))]
+    return [
+        TokenizedPair(p, c, r, row=i)
+        for i, (p, c, r) in enumerate(zip(prompts, responses[:n_pairs], responses[n_pairs:]))
+    ]
 
 
 @torch.no_grad()
@@ -164,7 +189,7 @@ def float64_logps(model, pairs) -> torch.Tensor:
     for response in ("chosen_ids", "rejected_ids"):
         for p in pairs:
             r = getattr(p, response)
-            logits = model64(input_ids=torch.tensor([p.prompt_ids + r])).logits[0, len(p.prompt_ids) - 1: -1]
+            logits = model64(input_ids=torch.tensor([p.prompt_ids + r])).logits[0, len(p.prompt_ids) - 1 : -1]
             out.append(logits.log_softmax(-1).gather(-1, torch.tensor(r)[:, None]).sum())
     return torch.stack(out)
 
@@ -183,7 +208,7 @@ def test_logps_match_float64(peaked_model_and_pairs, smol_tokenizer, layout, chu
     drifts; logit - logsumexp with a float64 sum stays within 1e-4 (measured: <= 7e-5)."""
     model, pairs, expected = peaked_model_and_pairs
     assert all(len(p.chosen_ids) == len(p.rejected_ids) == 200 for p in pairs)
-    assert -3.5 < float(expected.mean()) / 200 < -1.5           # likely tokens, as in real data
+    assert -3.5 < float(expected.mean()) / 200 < -1.5  # likely tokens, as in real data
     with torch.no_grad():
         logps, n = sequence_logps(model, collate_for(layout, smol_tokenizer.pad_token_id)(pairs), chunk_size=chunk)
     assert n.tolist() == [200] * 8
@@ -237,10 +262,20 @@ def test_gemma2_softcap_and_sliding_window():
     """Logit soft-capping (applied by the chunked head from the config) and alternating sliding-window
     layers (the packed mask is transformers' own; prefix-shared sequences fit in the window)."""
     torch.manual_seed(0)
-    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
-                       sliding_window=8, final_logit_softcapping=0.5, max_position_embeddings=128,
-                       attn_implementation="eager")
+    cfg = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=8,
+        final_logit_softcapping=0.5,
+        max_position_embeddings=128,
+        attn_implementation="eager",
+    )
     model = Gemma2ForCausalLM(cfg).float()
     pairs = random_pairs(UNEVEN)
     expected, _ = sequence_logps(model, collate_padded(pairs, 0))
@@ -261,6 +296,7 @@ def test_gemma2_softcap_and_sliding_window():
 
 
 # --- the chunked head -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bias,scale,softcap", [(False, 1.0, None), (True, 0.25, None), (True, 2.0, 3.0)])
 def test_chunked_head_matches_autograd(bias, scale, softcap):
@@ -292,8 +328,12 @@ class WidestLogits(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == VOCAB \
-                    and tuple(t.shape) != (self.hidden_size, VOCAB):
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dim() >= 2
+                and t.shape[-1] == VOCAB
+                and tuple(t.shape) != (self.hidden_size, VOCAB)
+            ):
                 self.rows = max(self.rows, t.numel() // VOCAB)
         return out
 
@@ -333,6 +373,7 @@ def test_chunked_under_bf16_autocast(fp32_head):
 
 # --- what is refused, clearly -----------------------------------------------------------------------------
 
+
 class DoubledLogits(LlamaForCausalLM):
     """A model that transforms its logits in a way the chunked head can't know of."""
 
@@ -366,8 +407,9 @@ def test_lora_policy_and_its_disabled_adapters():
     reference, with the adapters disabled."""
     peft = pytest.importorskip("peft")
     base = tiny_llama(tie=True)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                      init_lora_weights=False))
+    model = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     pairs = random_pairs(UNEVEN)
     params = [p for p in model.parameters() if p.requires_grad]
     expected, _ = sequence_logps(model, collate_padded(pairs, 0))

@@ -34,8 +34,9 @@ def test_logps_match_transformers_cross_entropy(tiny_model_dir, smol_tokenizer):
     assert (batch["attention_mask"] == 0).any()
     with torch.no_grad():
         logps, n_tokens = sequence_logps(model, batch)
-    expected = [reference_logp(model, p.prompt_ids, p.chosen_ids) for p in pairs] + \
-               [reference_logp(model, p.prompt_ids, p.rejected_ids) for p in pairs]
+    expected = [reference_logp(model, p.prompt_ids, p.chosen_ids) for p in pairs] + [
+        reference_logp(model, p.prompt_ids, p.rejected_ids) for p in pairs
+    ]
     assert torch.allclose(logps.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
     assert n_tokens.tolist() == [len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs]
 
@@ -46,8 +47,9 @@ def test_gather_logps_hand_computed():
     ids = torch.tensor([[0, 1, 2]])
     mask = torch.tensor([[0, 1, 1]])
     logps, n = gather_logps(logits, ids, mask)
-    expected = (1.0 - torch.logsumexp(torch.tensor([0.0, 1.0, 0.0]), 0)) + \
-               (1.0 - torch.logsumexp(torch.tensor([2.0, 0.0, 1.0]), 0))
+    expected = (1.0 - torch.logsumexp(torch.tensor([0.0, 1.0, 0.0]), 0)) + (
+        1.0 - torch.logsumexp(torch.tensor([2.0, 0.0, 1.0]), 0)
+    )
     assert torch.allclose(logps, expected.reshape(1)) and n.tolist() == [2]
 
 
@@ -55,7 +57,7 @@ def test_token_logps_against_float64_on_peaked_logits():
     """Real LM logits: a max ~20 nats above a 49k-entry tail. fp32 log_softmax on CPU reads high there
     (its sum of exponentials loses the tail's small terms); logit - logsumexp does not."""
     g = torch.Generator().manual_seed(0)
-    logits = 5.6 * torch.randn(256, 49152, generator=g)                  # (M, V), max ~24 above the mean
+    logits = 5.6 * torch.randn(256, 49152, generator=g)  # (M, V), max ~24 above the mean
     targets = logits.argmax(-1)
     expected = logits.double().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     err = token_logps(logits, targets).double() - expected
@@ -63,6 +65,7 @@ def test_token_logps_against_float64_on_peaked_logits():
 
 
 # --- the output layer in fp32 under bf16 autocast -----------------------------------------------------------
+
 
 def bf16_and_fp32_logps(model, batch, **kw):
     """(fp32 log-probs, bf16-autocast log-probs with the given sequence_logps keywords), both (2B,)."""
@@ -80,8 +83,9 @@ def peaked(smol_tokenizer):
     return model, sampled_pairs(model, smol_tokenizer, length=100)
 
 
-@pytest.mark.parametrize("layout,chunk", [("padded", None), ("packed", None), ("padded", 5),
-                                          ("prefix_shared_packed", 5)])
+@pytest.mark.parametrize(
+    "layout,chunk", [("padded", None), ("packed", None), ("padded", 5), ("prefix_shared_packed", 5)]
+)
 def test_fp32_head_under_bf16_autocast(peaked, smol_tokenizer, layout, chunk):
     """Under bf16 autocast the model's own lm_head rounds every logit to bf16 (~0.04 on a logit of 10):
     0.20-0.25 nats of error per 100-token sequence on average, up to 0.44 (measured). The fp32 head (the
@@ -128,8 +132,9 @@ def test_fp32_head_with_a_lora_adapter_on_the_head(peaked, smol_tokenizer):
     """A head that is not a plain nn.Linear (PEFT's LoRA on lm_head) is run in fp32 by its own forward."""
     peft = pytest.importorskip("peft")
     model, pairs = peaked
-    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["lm_head"],
-                                                                        init_lora_weights=False))
+    wrapped = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False)
+    )
     batch = collate_for("padded", smol_tokenizer.pad_token_id)(pairs)
     fp32, bf16 = bf16_and_fp32_logps(wrapped, batch)
     _, old = bf16_and_fp32_logps(wrapped, batch, fp32_head=False)

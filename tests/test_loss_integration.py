@@ -33,14 +33,35 @@ def test_docs_losses_table_is_the_registry():
 
 
 def run_dpo(tiny_model_dir, pref_dir, out, **kw):
-    cfg = DPOConfig(model=str(tiny_model_dir), dataset=str(pref_dir), output_dir=str(out),
-                    per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, progress_bar=False,
-                    max_eval_examples=4, **{"max_steps": 2, **kw})
+    cfg = DPOConfig(
+        model=str(tiny_model_dir),
+        dataset=str(pref_dir),
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        progress_bar=False,
+        max_eval_examples=4,
+        **{"max_steps": 2, **kw},
+    )
     return dpo.dpo(cfg)
 
 
-@pytest.mark.parametrize("loss_type", [["ipo"], ["hinge"], ["robust"], ["exo_pair"], ["bco_pair"], ["aot"],
-                                       ["discopop"], ["simpo"], ["orpo"], ["sigmoid", "sft"]])
+@pytest.mark.parametrize(
+    "loss_type",
+    [
+        ["ipo"],
+        ["hinge"],
+        ["robust"],
+        ["exo_pair"],
+        ["bco_pair"],
+        ["aot"],
+        ["discopop"],
+        ["simpo"],
+        ["orpo"],
+        ["sigmoid", "sft"],
+    ],
+)
 def test_each_loss_trains(tiny_model_dir, pref_dir, tmp_path, monkeypatch, loss_type):
     loaded, references = [], []
     real_load, real_step = models.load_model, dpo.DPOStep
@@ -97,10 +118,20 @@ def kto_rows(n):
 
     rows = []
     for p, c, r in (REVIEWS * 4)[:n]:
-        rows.append({"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}],
-                     "label": True})
-        rows.append({"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": r}],
-                     "label": "false"})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": p}],
+                "completion": [{"role": "assistant", "content": c}],
+                "label": True,
+            }
+        )
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": p}],
+                "completion": [{"role": "assistant", "content": r}],
+                "label": "false",
+            }
+        )
     return rows
 
 
@@ -130,8 +161,10 @@ def test_kto_bad_label(tiny_model_dir, tmp_path, capsys):
     rows = kto_rows(2)
     rows[1]["label"] = "maybe"
     path = write_jsonl(tmp_path / "k.jsonl", rows)
-    assert main(["dpo", f"model={tiny_model_dir}", f"dataset={path}", "loss_type=kto",
-                 f"output_dir={tmp_path / 'o'}"]) == 2
+    assert (
+        main(["dpo", f"model={tiny_model_dir}", f"dataset={path}", "loss_type=kto", f"output_dir={tmp_path / 'o'}"])
+        == 2
+    )
     assert "k.jsonl: row 2: field 'label': expected true or false, got 'maybe'" in capsys.readouterr().err
 
 
@@ -151,8 +184,16 @@ def test_every_loss_with_and_without_reference_free_steps(tiny_model, smol_token
     from dpokit.data.tokenize import TokenizedPair
 
     policy = copy.deepcopy(tiny_model)
-    cfg = load_config(DPOConfig, None, ["dataset=x", f"loss_type={loss_type}", f"reference_free={reference_free}",
-                                        "label_smoothing=0.1" if loss_type == "robust" else "beta=0.1"])
+    cfg = load_config(
+        DPOConfig,
+        None,
+        [
+            "dataset=x",
+            f"loss_type={loss_type}",
+            f"reference_free={reference_free}",
+            "label_smoothing=0.1" if loss_type == "robust" else "beta=0.1",
+        ],
+    )
     needs_reference = LOSSES[loss_type].needs_reference and not reference_free
     reference = copy.deepcopy(tiny_model).eval() if needs_reference else None
     step = dpo_step.DPOStep(reference, cfg)
@@ -208,8 +249,18 @@ def test_trdpo_with_lora_needs_a_separate_reference_and_runs_with_one(tiny_model
         load_config(DPOConfig, None, ["dataset=x", "use_lora=true", "ref_sync_steps=1"])
     synced = []
     real = dpo_step.soft_update_reference
-    monkeypatch.setattr(dpo_step, "soft_update_reference", lambda ref, pol, a: synced.append(len(pol)) or real(ref, pol, a))
-    run_dpo(tiny_model_dir, pref_dir, tmp_path / "o", use_lora=True, lora_r=4, ref_model=str(tiny_model_dir),
-            ref_sync_steps=1, ref_sync_alpha=0.5)
+    monkeypatch.setattr(
+        dpo_step, "soft_update_reference", lambda ref, pol, a: synced.append(len(pol)) or real(ref, pol, a)
+    )
+    run_dpo(
+        tiny_model_dir,
+        pref_dir,
+        tmp_path / "o",
+        use_lora=True,
+        lora_r=4,
+        ref_model=str(tiny_model_dir),
+        ref_sync_steps=1,
+        ref_sync_alpha=0.5,
+    )
     assert len(synced) == 2  # both steps synced, and the run finished with a loadable model
     assert (tmp_path / "o" / "model.safetensors").is_file()

@@ -13,15 +13,22 @@ def log_sigmoid(x):
 
 def test_dpo_loss_hand_computed():
     # policy (chosen, rejected) = (-10, -12), reference = (-11, -11): log-ratios +1 and -1, h = 2
-    losses, rc, rr = dpo_loss(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]),
-                              torch.tensor([-11.0]), beta=0.1)
+    losses, rc, rr = dpo_loss(
+        torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), beta=0.1
+    )
     assert math.isclose(losses.item(), -log_sigmoid(0.2), rel_tol=1e-6)
     assert math.isclose(rc.item(), 0.1, rel_tol=1e-6) and math.isclose(rr.item(), -0.1, rel_tol=1e-6)
 
 
 def test_conservative_dpo_hand_computed():
-    losses, _, _ = dpo_loss(torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -4.0]), torch.tensor([-11.0, -5.0]),
-                            torch.tensor([-11.0, -5.0]), beta=0.5, label_smoothing=0.2)
+    losses, _, _ = dpo_loss(
+        torch.tensor([-10.0, -5.0]),
+        torch.tensor([-12.0, -4.0]),
+        torch.tensor([-11.0, -5.0]),
+        torch.tensor([-11.0, -5.0]),
+        beta=0.5,
+        label_smoothing=0.2,
+    )
     for got, h in zip(losses.tolist(), [2.0, -1.0]):
         expected = -0.8 * log_sigmoid(0.5 * h) - 0.2 * log_sigmoid(-0.5 * h)
         assert math.isclose(got, expected, rel_tol=1e-6)

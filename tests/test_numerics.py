@@ -37,13 +37,23 @@ def length_reward(prompts, responses):
 
 # --- eval's KL: the KL of the untempered models, whatever temperature the reward is sampled at ------------
 
+
 def toy_policy_and_reference(vocab=6):
     """Llamas over 6 tokens (EOS = 2), every response of at most two tokens enumerable: a reference with
     peaked next-token distributions and a policy whose head is the reference's plus noise."""
     torch.manual_seed(2)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-                      eos_token_id=EOS, pad_token_id=EOS, bos_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        bos_token_id=0,
+    )
     reference = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         reference.model.embed_tokens.weight.normal_(0, 1.0)
@@ -60,10 +70,10 @@ def exact_kl_two_tokens(policy, reference, prompt) -> float:
     """KL(pi || pi_ref) over every response of at most 2 tokens (ended by EOS, or cut at 2), in float64."""
     p64, q64 = copy.deepcopy(policy).double(), copy.deepcopy(reference).double()
     V = policy.config.vocab_size
-    firsts = torch.tensor([prompt])                                               # (1, P)
-    seconds = torch.tensor([prompt + [a] for a in range(V)])                     # (V, P+1)
-    p1, q1 = (m(input_ids=firsts).logits[0, -1].log_softmax(-1) for m in (p64, q64))                 # (V,)
-    p2, q2 = (m(input_ids=seconds).logits[:, -1].log_softmax(-1) for m in (p64, q64))                # (V, V)
+    firsts = torch.tensor([prompt])  # (1, P)
+    seconds = torch.tensor([prompt + [a] for a in range(V)])  # (V, P+1)
+    p1, q1 = (m(input_ids=firsts).logits[0, -1].log_softmax(-1) for m in (p64, q64))  # (V,)
+    p2, q2 = (m(input_ids=seconds).logits[:, -1].log_softmax(-1) for m in (p64, q64))  # (V, V)
     kl = 0.0
     for a in range(V):
         kl += p1[a].exp() * (p1[a] - q1[a])
@@ -80,7 +90,7 @@ def test_eval_kl_estimator_is_unbiased_on_an_enumerable_problem():
     policy, reference = toy_policy_and_reference()
     prompts = [[0], [3, 4]]
     exact = sum(exact_kl_two_tokens(policy, reference, p) for p in prompts) / len(prompts)
-    assert exact > 0.05                                                # a real difference to estimate
+    assert exact > 0.05  # a real difference to estimate
     tok = SimpleNamespace(pad_token_id=EOS, eos_token_id=EOS)
     n = 4000
     many = [p for p in prompts for _ in range(n)]
@@ -98,8 +108,9 @@ def test_eval_reports_the_untempered_kl(smol_tokenizer, tmp_path, monkeypatch):
     distributions (a sum over the 49k vocabulary), averaged over 400 prompts. Measured: 1.405 +- 0.074
     against 1.342 exact; before, from the reward's samples at 0.7: 1.626 +- 0.068 (4.2 SE, 21% high)."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    reference = peaked_llama(len(smol_tokenizer), eos_token_id=smol_tokenizer.eos_token_id,
-                             pad_token_id=smol_tokenizer.pad_token_id)
+    reference = peaked_llama(
+        len(smol_tokenizer), eos_token_id=smol_tokenizer.eos_token_id, pad_token_id=smol_tokenizer.pad_token_id
+    )
     policy = copy.deepcopy(reference)
     with torch.no_grad():
         policy.lm_head.weight.add_(0.3 * torch.randn_like(policy.lm_head.weight))
@@ -112,9 +123,17 @@ def test_eval_reports_the_untempered_kl(smol_tokenizer, tmp_path, monkeypatch):
     rows = [{"prompt": f"Review film number {i}.\n", "chosen": "Good.", "rejected": "Bad."} for i in range(n)]
     write_jsonl(tmp_path / "held_out.jsonl", rows)
     out = tmp_path / "eval.json"
-    cfg = EvalConfig(model=str(dirs["policy"]), ref_model=str(dirs["reference"]),
-                     dataset=str(tmp_path / "held_out.jsonl"), reward="test_numerics:length_reward",
-                     num_samples=n, max_new_tokens=1, temperature=0.7, precision="fp32", output_file=str(out))
+    cfg = EvalConfig(
+        model=str(dirs["policy"]),
+        ref_model=str(dirs["reference"]),
+        dataset=str(tmp_path / "held_out.jsonl"),
+        reward="test_numerics:length_reward",
+        num_samples=n,
+        max_new_tokens=1,
+        temperature=0.7,
+        precision="fp32",
+        output_file=str(out),
+    )
     results = evaluate.evaluate(cfg)
     assert results["num_samples"] == n and json.loads(out.read_text())["kl_estimator"] == evaluate.KL_ESTIMATOR
     assert results["reference"]["kl"] == 0.0
@@ -133,6 +152,7 @@ def test_eval_reports_the_untempered_kl(smol_tokenizer, tmp_path, monkeypatch):
 
 # --- RL: log-probs from an fp32 output layer under bf16 autocast ---------------------------------------------
 
+
 def test_rl_token_stats_under_bf16_autocast(smol_tokenizer, monkeypatch):
     """The rollout's old log-probs, the new ones and the reference's for the KL penalty all come from
     token_stats: under bf16 autocast its 100-token sequence log-probs stay within 0.073 nats of fp32 at
@@ -142,8 +162,9 @@ def test_rl_token_stats_under_bf16_autocast(smol_tokenizer, monkeypatch):
 
     model = peaked_llama(len(smol_tokenizer))
     pairs = sampled_pairs(model, smol_tokenizer, length=100)
-    seqs = response_batch([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs],
-                          smol_tokenizer.pad_token_id, torch.device("cpu"))
+    seqs = response_batch(
+        [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], smol_tokenizer.pad_token_id, torch.device("cpu")
+    )
 
     def sequence_sums(temperature):
         with torch.no_grad():
@@ -168,6 +189,7 @@ def test_rl_token_stats_under_bf16_autocast(smol_tokenizer, monkeypatch):
 
 # --- cached reference log-probs against a live reference --------------------------------------------------
 
+
 def uneven_pairs(model, n, seed=1):
     """n pairs of random prompts (3-19 tokens) and responses the model sampled, cut to 5-59 tokens: likely
     tokens, as in real data, and uneven lengths, so that batches are padded to different lengths."""
@@ -176,8 +198,10 @@ def uneven_pairs(model, n, seed=1):
     prompts = [torch.randint(1, model.config.vocab_size, (length(3, 20),), generator=g).tolist() for _ in range(n)]
     torch.manual_seed(seed)
     responses = sample_responses(model, SimpleNamespace(pad_token_id=0, eos_token_id=None), prompts * 2, 59)
-    return [TokenizedPair(p, c[: length(5, 60)], r[: length(5, 60)], row=i)
-            for i, (p, c, r) in enumerate(zip(prompts, responses[:n], responses[n:]))]
+    return [
+        TokenizedPair(p, c[: length(5, 60)], r[: length(5, 60)], row=i)
+        for i, (p, c, r) in enumerate(zip(prompts, responses[:n], responses[n:]))
+    ]
 
 
 def live_reference_logps(model, examples, layout, batch_size, precision, order=None, **kw):
@@ -188,19 +212,24 @@ def live_reference_logps(model, examples, layout, batch_size, precision, order=N
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
     out = torch.zeros(2 * len(examples))
     for i in range(0, len(order), batch_size):
-        idx = torch.tensor(order[i: i + batch_size])
+        idx = torch.tensor(order[i : i + batch_size])
         with torch.no_grad(), runtime.autocast(torch.device("cpu"), precision):
             logps, _ = sequence_logps(model, collate_for(layout, 0)([examples[j] for j in idx]), **kw)
-        out[idx], out[idx + len(examples)] = logps[: len(idx)], logps[len(idx):]
+        out[idx], out[idx + len(examples)] = logps[: len(idx)], logps[len(idx) :]
     return out
 
 
 def cached_reference_logps(model, examples, precision, layout="padded", training=True):
     """refcache's numbers as dpo.run gets them: training data (disk-cache call) or held-out data."""
     examples = [copy.copy(e) for e in examples]
-    cfg = DPOConfig(dataset="x", precision=precision, per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                    padding_free=layout in ("packed", "prefix_shared_packed"),
-                    prefix_sharing=layout.startswith("prefix_shared"))
+    cfg = DPOConfig(
+        dataset="x",
+        precision=precision,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        padding_free=layout in ("packed", "prefix_shared_packed"),
+        prefix_sharing=layout.startswith("prefix_shared"),
+    )
     if training:  # (the disk cache itself is tested in test_fast_paths; here only the numbers)
         with unittest.mock.patch.object(refcache, "cache_dir", lambda: Path(tempfile.mkdtemp())):
             refcache.attach_reference_logps(model, examples, cfg, 0, torch.device("cpu"), use_disk_cache=True)
@@ -214,9 +243,11 @@ def test_cached_reference_uses_the_training_batch_size(monkeypatch):
     of the evaluation's; held-out data in the evaluation's."""
     sizes = []
     real = refcache.compute_reference_logps
-    monkeypatch.setattr(refcache, "compute_reference_logps",
-                        lambda ref, ex, pad, batch_size, *a, **k: sizes.append(batch_size) or real(ref, ex, pad,
-                                                                                                 batch_size, *a, **k))
+    monkeypatch.setattr(
+        refcache,
+        "compute_reference_logps",
+        lambda ref, ex, pad, batch_size, *a, **k: sizes.append(batch_size) or real(ref, ex, pad, batch_size, *a, **k),
+    )
     model = peaked_llama(97)
     examples = uneven_pairs(model, 6)
     cached_reference_logps(model, examples, "fp32", training=True)
@@ -245,8 +276,9 @@ def test_reference_cache_key_has_the_resolved_precision_and_batch_size():
     assert refcache.reference_settings(DPOConfig(dataset="x", precision="fp32"), cpu, 8) != bf16
     assert refcache.reference_settings(cfg, cpu, 4) != bf16
     auto = refcache.reference_settings(DPOConfig(dataset="x", precision="auto"), cpu, 8)
-    assert auto == refcache.reference_settings(DPOConfig(dataset="x", precision=runtime.resolve_precision(cpu, "auto")),
-                                               cpu, 8)
+    assert auto == refcache.reference_settings(
+        DPOConfig(dataset="x", precision=runtime.resolve_precision(cpu, "auto")), cpu, 8
+    )
 
 
 @pytest.mark.slow

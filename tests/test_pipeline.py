@@ -64,13 +64,16 @@ def tiny(tiny_model_dir):
 
 # --- sft ---------------------------------------------------------------------------------------------------
 
+
 def test_sft_formats_tokenize_like_dpo_chosen(tmp_path, smol_tokenizer):
     """prompt+completion, messages (last assistant turn) and preference rows give DPO's exact tokens."""
     p, c, r = REVIEWS[0]
     user, assistant = [{"role": "user", "content": p}], [{"role": "assistant", "content": c}]
-    files = {"completion": write_jsonl(tmp_path / "a.jsonl", [{"prompt": user, "completion": assistant}]),
-             "messages": write_jsonl(tmp_path / "b.jsonl", [{"messages": user + assistant}]),
-             "preference": write_jsonl(tmp_path / "c.jsonl", conversational_rows(1))}
+    files = {
+        "completion": write_jsonl(tmp_path / "a.jsonl", [{"prompt": user, "completion": assistant}]),
+        "messages": write_jsonl(tmp_path / "b.jsonl", [{"messages": user + assistant}]),
+        "preference": write_jsonl(tmp_path / "c.jsonl", conversational_rows(1)),
+    }
     expected = tokenize_pair(smol_tokenizer, conversational_rows(1)[0])
     for name, path in files.items():
         rows, label, _ = load_demonstrations(str(path))
@@ -78,7 +81,7 @@ def test_sft_formats_tokenize_like_dpo_chosen(tmp_path, smol_tokenizer):
         assert (ex.prompt_ids, ex.chosen_ids) == (expected.prompt_ids, expected.chosen_ids), name
         assert ex.chosen_ids[-1] == smol_tokenizer.eos_token_id
         assert tokenize_prompt(smol_tokenizer, user) == expected.prompt_ids  # what generation is fed
-    (row, prompt), = load_prompts(str(files["messages"]))[0]
+    ((row, prompt),) = load_prompts(str(files["messages"]))[0]
     assert prompt == user
 
 
@@ -105,7 +108,7 @@ def test_sft_loss_is_the_completion_nll(tiny, smol_tokenizer):
         grads = []
         for size in (4, 3):  # 3 + 1: uneven micro-batches
             tiny.zero_grad()
-            micro = [collate_sft(examples[i: i + size], pad) for i in range(0, 4, size)]
+            micro = [collate_sft(examples[i : i + size], pad) for i in range(0, 4, size)]
             loop.forward_backward(tiny, step, micro, Ranks(), "fp32", MetricSums())
             grads.append([p.grad.clone() for p in tiny.parameters()])
         for g in grads[1:]:
@@ -114,19 +117,43 @@ def test_sft_loss_is_the_completion_nll(tiny, smol_tokenizer):
 
 def test_sft_trains_and_its_output_is_a_dpo_reference(tiny_model_dir, pref_dir, tmp_path):
     out = tmp_path / "sft"
-    assert main(["sft", f"model={tiny_model_dir}", f"dataset={pref_dir}", f"output_dir={out}",
-                 "per_device_train_batch_size=4", *COMMON]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                f"model={tiny_model_dir}",
+                f"dataset={pref_dir}",
+                f"output_dir={out}",
+                "per_device_train_batch_size=4",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     ev = eval_rows(out)
     assert ev[-1]["eval/loss"] < ev[0]["eval/loss"] - 0.5  # memorisable data: the NLL goes down
     assert all(k in train_rows(out)[0] for k in ("loss", "nll", "completion_tokens", "grad_norm"))
     AutoModelForCausalLM.from_pretrained(out)
     dpo = tmp_path / "dpo"  # the SFT model as policy and (default) reference
-    assert main(["dpo", f"model={out}", f"dataset={pref_dir}", f"output_dir={dpo}", "max_steps=1",
-                 "progress_bar=false", "max_eval_examples=2"]) == 0
+    assert (
+        main(
+            [
+                "dpo",
+                f"model={out}",
+                f"dataset={pref_dir}",
+                f"output_dir={dpo}",
+                "max_steps=1",
+                "progress_bar=false",
+                "max_eval_examples=2",
+            ]
+        )
+        == 0
+    )
     assert eval_rows(dpo)[0]["eval/rewards/accuracies"] == 0.5  # pi = pi_ref at the start
 
 
 # --- reward model ---------------------------------------------------------------------------------------------
+
 
 def test_reward_model_loss_is_bradley_terry(tiny_model_dir, smol_tokenizer):
     """The step's loss = -log sigmoid(r_w - r_l) with r read from the model's own output on each sequence
@@ -137,7 +164,8 @@ def test_reward_model_loss_is_bradley_terry(tiny_model_dir, smol_tokenizer):
     pairs = [tokenize_pair(smol_tokenizer, r) for r in conversational_rows(3)]
     pairs[2].chosen_ids = pairs[2].chosen_ids * 2
     losses, metrics = RewardStep(SimpleNamespace(center_rewards_coefficient=0.0))(
-        rm, collate_padded(pairs, smol_tokenizer.pad_token_id))
+        rm, collate_padded(pairs, smol_tokenizer.pad_token_id)
+    )
     with torch.no_grad():
         for i, p in enumerate(pairs):
             r_w = rm(input_ids=torch.tensor([p.prompt_ids + p.chosen_ids])).logits[0, 0].item()
@@ -149,8 +177,19 @@ def test_reward_model_loss_is_bradley_terry(tiny_model_dir, smol_tokenizer):
 
 def test_reward_model_trains_saves_and_scores(tiny_model_dir, pref_dir, tmp_path):
     out = tmp_path / "rm"
-    assert main(["rm", f"model={tiny_model_dir}", f"dataset={pref_dir}", f"output_dir={out}",
-                 "per_device_train_batch_size=4", *COMMON]) == 0
+    assert (
+        main(
+            [
+                "rm",
+                f"model={tiny_model_dir}",
+                f"dataset={pref_dir}",
+                f"output_dir={out}",
+                "per_device_train_batch_size=4",
+                *COMMON,
+            ]
+        )
+        == 0
+    )
     ev = eval_rows(out)
     assert ev[-1]["eval/loss"] < ev[0]["eval/loss"] and ev[-1]["eval/accuracy"] == 1.0  # held-out pairs
     assert all(k in train_rows(out)[0] for k in ("accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins"))
@@ -171,6 +210,7 @@ def test_reward_model_trains_saves_and_scores(tiny_model_dir, pref_dir, tmp_path
 
 # --- generate and pairs ----------------------------------------------------------------------------------------
 
+
 def test_make_pairs_orders_by_reward_and_drops_ties():
     responses, rewards = ["a", "b", "c", "d"], [0.5, 0.9, 0.5, 0.1]
     pairs, ties = make_pairs(responses, rewards, "all_pairs", 0.0)
@@ -187,21 +227,54 @@ def first_char_reward(prompts, responses):
 
 
 def test_generate_pairs_dpo(tiny_model_dir, tmp_path):
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": p}]}
-                                                       for p, _, _ in REVIEWS[:6]])
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": p}]} for p, _, _ in REVIEWS[:6]]
+    )
     samples = tmp_path / "samples.jsonl"
-    assert main(["generate", f"model={tiny_model_dir}", f"dataset={prompts}", f"output_file={samples}",
-                 "num_samples_per_prompt=4", "max_new_tokens=6", "seed=1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                f"model={tiny_model_dir}",
+                f"dataset={prompts}",
+                f"output_file={samples}",
+                "num_samples_per_prompt=4",
+                "max_new_tokens=6",
+                "seed=1",
+            ]
+        )
+        == 0
+    )
     rows = rows_of(samples)
     assert len(rows) == 6 and all(len(r["responses"]) == 4 == len(r["finished"]) for r in rows)
     assert rows[0]["prompt"] == [{"role": "user", "content": REVIEWS[0][0]}]
     again = tmp_path / "again.jsonl"
-    main(["generate", f"model={tiny_model_dir}", f"dataset={prompts}", f"output_file={again}",
-          "num_samples_per_prompt=4", "max_new_tokens=6", "seed=1"])
+    main(
+        [
+            "generate",
+            f"model={tiny_model_dir}",
+            f"dataset={prompts}",
+            f"output_file={again}",
+            "num_samples_per_prompt=4",
+            "max_new_tokens=6",
+            "seed=1",
+        ]
+    )
     assert rows_of(again) == rows  # seeded
     out = tmp_path / "pairs"
-    assert main(["pairs", f"samples={samples}", "reward=test_pipeline:first_char_reward", f"output={out}",
-                 "drop_unfinished=false", "test_fraction=0.34"]) == 0
+    assert (
+        main(
+            [
+                "pairs",
+                f"samples={samples}",
+                "reward=test_pipeline:first_char_reward",
+                f"output={out}",
+                "drop_unfinished=false",
+                "test_fraction=0.34",
+            ]
+        )
+        == 0
+    )
     train, test = rows_of(out / "train.jsonl"), rows_of(out / "test.jsonl")
     assert train and test and len(test) < len(train)
     assert not {json.dumps(r["prompt"]) for r in train} & {json.dumps(r["prompt"]) for r in test}
@@ -209,30 +282,65 @@ def test_generate_pairs_dpo(tiny_model_dir, tmp_path):
         assert r["score_chosen"] > r["score_rejected"]
         assert r["chosen"][0]["role"] == "assistant" and r["chosen"] != r["rejected"]
     dpo = tmp_path / "dpo"
-    assert main(["dpo", f"model={tiny_model_dir}", f"dataset={out}", f"output_dir={dpo}", "max_steps=2",
-                 "per_device_train_batch_size=2", "progress_bar=false"]) == 0
+    assert (
+        main(
+            [
+                "dpo",
+                f"model={tiny_model_dir}",
+                f"dataset={out}",
+                f"output_dir={dpo}",
+                "max_steps=2",
+                "per_device_train_batch_size=2",
+                "progress_bar=false",
+            ]
+        )
+        == 0
+    )
     assert len(eval_rows(dpo)) == 2 and (dpo / "model.safetensors").is_file()
     report = tmp_path / "eval.json"  # the trained policy against its reference, judged by the same reward
-    assert main(["eval", f"model={dpo}", f"ref_model={tiny_model_dir}", f"dataset={out}", f"output_file={report}",
-                 "reward=test_pipeline:first_char_reward", "num_samples=4", "max_new_tokens=4"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                f"model={dpo}",
+                f"ref_model={tiny_model_dir}",
+                f"dataset={out}",
+                f"output_file={report}",
+                "reward=test_pipeline:first_char_reward",
+                "num_samples=4",
+                "max_new_tokens=4",
+            ]
+        )
+        == 0
+    )
     policy = json.loads(report.read_text())["policy"]
     assert 0 <= policy["win_rate"] <= 1 and "win_rate_se" in policy
 
 
 def test_win_rate_counts_ties_half():
-    rate, se = win_rate([1.0, 0.0, 2.0, 5.0], [0.0, 0.0, 3.0, 1.0])   # win, tie, loss, win
+    rate, se = win_rate([1.0, 0.0, 2.0, 5.0], [0.0, 0.0, 3.0, 1.0])  # win, tie, loss, win
     assert rate == pytest.approx(2.5 / 4)
     assert se == pytest.approx(math.sqrt(sum((x - 0.625) ** 2 for x in (1, 0.5, 0, 1)) / 3 / 4))
 
 
 # --- the KL estimator on an enumerable toy ----------------------------------------------------------------------
 
+
 def toy_model(seed):
     """A 1-layer Llama over 3 tokens (2 = EOS) with sharp, seed-dependent next-token distributions."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, bos_token_id=0, eos_token_id=2, pad_token_id=2,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=3,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_(0, 1.0)
@@ -243,8 +351,10 @@ def toy_model(seed):
 @torch.no_grad()
 def exact_distribution(model, prompt):
     """Every response of at most 2 tokens (ending at EOS = 2, or cut at 2 tokens) -> its log-probability."""
+
     def next_logps(ids):
         return model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1).tolist()
+
     out, first = {}, next_logps(prompt)
     for a in range(3):
         if a == 2:
@@ -283,20 +393,24 @@ def test_sampled_kl_matches_exact_kl():
         rl_kl = ((token_stats(policy, batch)["logps"] - token_stats(reference, batch)["logps"]) * batch["mask"]).sum(-1)
     assert torch.allclose(rl_kl, torch.tensor(log_ratios[:50]), atol=1e-5)
     pairs = [TokenizedPair(prompt, r, r) for r in responses[:50]]
-    assert torch.allclose((token_stats(policy, batch)["logps"] * batch["mask"]).sum(-1),
-                          sequence_logps(policy, collate_padded(pairs, 2))[0][:50], atol=1e-5)
+    assert torch.allclose(
+        (token_stats(policy, batch)["logps"] * batch["mask"]).sum(-1),
+        sequence_logps(policy, collate_padded(pairs, 2))[0][:50],
+        atol=1e-5,
+    )
 
 
 # --- PPO / RLOO math against hand-worked numbers ------------------------------------------------------------------
 
+
 def test_gae_by_hand():
     rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 7.0, 7.0]])
-    values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 9.0, 9.0]])   # row 2: one token, the rest is padding
+    values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 9.0, 9.0]])  # row 2: one token, the rest is padding
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.8)
     # row 1: delta_2 = 1 - 0.3 = 0.7; delta_1 = 0 + 0.9*0.3 - 0.2 = 0.07; delta_0 = 0 + 0.9*0.2 - 0.1 = 0.08
     a2 = 0.7
-    a1 = 0.07 + 0.72 * a2            # gamma * lam = 0.72
+    a1 = 0.07 + 0.72 * a2  # gamma * lam = 0.72
     a0 = 0.08 + 0.72 * a1
     # row 2: terminal after its only token: delta_0 = 0.5 - 0.4
     expected = torch.tensor([[a0, a1, a2], [0.1, 0.0, 0.0]])
@@ -306,9 +420,9 @@ def test_gae_by_hand():
 
 def test_ppo_clipped_objectives_by_hand():
     old = torch.zeros(1, 4)
-    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 3.0]]))       # ratios
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 3.0]]))  # ratios
     adv = torch.tensor([[1.0, -1.0, 2.0, 5.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])                  # the last token is padding
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding
     loss, clipfrac, approx_kl = ppo_policy_loss(new, old, adv, mask, cliprange=0.2)
     # per token max(-A r, -A clip(r, 0.8, 1.2)): max(-1.5, -1.2) = -1.2 (clipped); max(0.5, 0.8) = 0.8 (clipped);
     # max(-2.2, -2.2) = -2.2 (not clipped)
@@ -340,9 +454,9 @@ def test_rewards_rloo_whitening_and_kl_controller_by_hand():
     w = masked_whiten(torch.tensor([[1.0, 3.0], [5.0, 100.0]]), mask)  # mean 3, unbiased std 2, padding ignored
     assert torch.allclose(w, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), atol=1e-6)
     c = KLController(0.1, target=6.0, horizon=100)
-    c.update(9.0, 10)            # error clip(9/6 - 1) = 0.2: beta *= 1 + 0.2 * 10 / 100
+    c.update(9.0, 10)  # error clip(9/6 - 1) = 0.2: beta *= 1 + 0.2 * 10 / 100
     assert c.value == pytest.approx(0.1 * 1.02)
-    c.update(5.4, 50)            # error -0.1: beta *= 1 - 0.1 * 0.5
+    c.update(5.4, 50)  # error -0.1: beta *= 1 - 0.1 * 0.5
     assert c.value == pytest.approx(0.1 * 1.02 * 0.95)
     fixed = KLController(0.1)
     fixed.update(100.0, 10)
@@ -351,18 +465,35 @@ def test_rewards_rloo_whitening_and_kl_controller_by_hand():
 
 # --- rl ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
 def test_rl_trains_on_a_memorised_rollout(algorithm, tiny_model_dir, tmp_path):
     """One rollout reused for 4 optimizer steps (ppo_epochs=4): at the first step pi = pi_old exactly
     (ratio 1: no clipping, approx_kl 0), then the surrogate loss on that rollout goes down."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p + "\n"} for p, _, _ in REVIEWS[:2]])
     out = tmp_path / "rl"
-    cfg = load_config(RLConfig, None, [f"model={tiny_model_dir}", f"dataset={prompts}", f"output_dir={out}",
-                                       "reward=test_pipeline:first_char_reward", f"algorithm={algorithm}",
-                                       "per_device_train_batch_size=2", "num_samples_per_prompt=4",
-                                       "max_new_tokens=5", "ppo_epochs=4", "max_steps=4", "logging_steps=1",
-                                       "learning_rate=3e-3", "progress_bar=false", "adaptive_kl=true",
-                                       "max_grad_norm=0"] + ([f"eval_dataset={prompts}"] if algorithm == "ppo" else []))
+    cfg = load_config(
+        RLConfig,
+        None,
+        [
+            f"model={tiny_model_dir}",
+            f"dataset={prompts}",
+            f"output_dir={out}",
+            "reward=test_pipeline:first_char_reward",
+            f"algorithm={algorithm}",
+            "per_device_train_batch_size=2",
+            "num_samples_per_prompt=4",
+            "max_new_tokens=5",
+            "ppo_epochs=4",
+            "max_steps=4",
+            "logging_steps=1",
+            "learning_rate=3e-3",
+            "progress_bar=false",
+            "adaptive_kl=true",
+            "max_grad_norm=0",
+        ]
+        + ([f"eval_dataset={prompts}"] if algorithm == "ppo" else []),
+    )
     from dpokit.commands import rl
 
     rl.rl(cfg)
@@ -398,19 +529,27 @@ def test_rl_rejects_bad_settings(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("command,rows,expected", [
-    ("sft", [{"messages": [{"role": "user", "content": "hi"}]}], "row 1: field 'messages': no assistant turn"),
-    ("sft", [{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""}],
-     "row 2: field 'completion': empty string"),
-    ("sft", [{"text": "t"}], "expected columns prompt+completion, messages, or prompt+chosen"),
-    ("generate", [{"prompt": "p"}, {"prompt": 3}], "row 2: field 'prompt': expected a string, got int"),
-    ("pairs", [{"prompt": "p", "responses": "r"}], "row 1: field 'responses': expected a list of strings"),
-])
+@pytest.mark.parametrize(
+    "command,rows,expected",
+    [
+        ("sft", [{"messages": [{"role": "user", "content": "hi"}]}], "row 1: field 'messages': no assistant turn"),
+        (
+            "sft",
+            [{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": ""}],
+            "row 2: field 'completion': empty string",
+        ),
+        ("sft", [{"text": "t"}], "expected columns prompt+completion, messages, or prompt+chosen"),
+        ("generate", [{"prompt": "p"}, {"prompt": 3}], "row 2: field 'prompt': expected a string, got int"),
+        ("pairs", [{"prompt": "p", "responses": "r"}], "row 1: field 'responses': expected a list of strings"),
+    ],
+)
 def test_pipeline_bad_input_is_one_line(command, rows, expected, tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    args = {"sft": [f"model={tiny_model_dir}", f"dataset={data}", f"output_dir={tmp_path / 'o'}"],
-            "generate": [f"model={tiny_model_dir}", f"dataset={data}", f"output_file={tmp_path / 'o' / 's.jsonl'}"],
-            "pairs": [f"samples={data}", "reward=vader", f"output={tmp_path / 'o'}"]}[command]
+    args = {
+        "sft": [f"model={tiny_model_dir}", f"dataset={data}", f"output_dir={tmp_path / 'o'}"],
+        "generate": [f"model={tiny_model_dir}", f"dataset={data}", f"output_file={tmp_path / 'o' / 's.jsonl'}"],
+        "pairs": [f"samples={data}", "reward=vader", f"output={tmp_path / 'o'}"],
+    }[command]
     assert main([command, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1

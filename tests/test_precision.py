@@ -10,9 +10,9 @@ import yaml
 from dpokit import config, precision
 
 ROOT = Path(__file__).resolve().parents[1]
-AVX2_ONLY = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}                    # e.g. a Zen 2 / Haswell server
+AVX2_ONLY = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}  # e.g. a Zen 2 / Haswell server
 AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}  # e.g. Zen 4 / Cooper Lake
-AMX = AVX2_ONLY | {"avx512f", "amx_tile", "amx_bf16"}                            # e.g. Sapphire Rapids
+AMX = AVX2_ONLY | {"avx512f", "amx_tile", "amx_bf16"}  # e.g. Sapphire Rapids
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +27,18 @@ def test_cpu_flags_decide_native_bf16(flags, native):
     assert precision.cpu_native_bf16(flags)[0] is native
 
 
-@pytest.mark.parametrize("isa, native", [(None, True), ("", True), ("AVX2", False), ("avx512_core", False),
-                                         ("AVX512_CORE_BF16", True), ("avx512_core_amx", True), ("ALL", True)])
+@pytest.mark.parametrize(
+    "isa, native",
+    [
+        (None, True),
+        ("", True),
+        ("AVX2", False),
+        ("avx512_core", False),
+        ("AVX512_CORE_BF16", True),
+        ("avx512_core_amx", True),
+        ("ALL", True),
+    ],
+)
 def test_onednn_cap_below_bf16_kernels_is_not_native(isa, native):
     assert precision.cpu_native_bf16(AVX512_BF16, isa)[0] is native
 
@@ -73,7 +83,7 @@ def test_explicit_bf16_on_a_native_cpu_and_fp32_anywhere_say_nothing(monkeypatch
 def test_cuda_follows_the_gpu_bf16_support(monkeypatch):
     for supported, expected in ((True, "bf16"), (False, "fp32")):
         precision.resolve.cache_clear()
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
         assert precision.resolve("auto", "cuda", 0) == expected
 
 

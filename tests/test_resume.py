@@ -22,9 +22,20 @@ TIMING_KEYS = {"tokens_per_second", "peak_memory_mb"}
 
 def common(model_dir, data_dir, out):
     # 16 pairs, batches of 2: 8 micro-batches an epoch, 12 steps = 1.5 epochs; checkpoints every 3 steps
-    return ["dpo", f"model={model_dir}", f"dataset={data_dir}", f"output_dir={out}", "max_steps=12",
-            "per_device_train_batch_size=2", "save_steps=3", "logging_steps=2", "learning_rate=1e-3",
-            "max_eval_examples=2", "progress_bar=false", "seed=3"]
+    return [
+        "dpo",
+        f"model={model_dir}",
+        f"dataset={data_dir}",
+        f"output_dir={out}",
+        "max_steps=12",
+        "per_device_train_batch_size=2",
+        "save_steps=3",
+        "logging_steps=2",
+        "learning_rate=1e-3",
+        "max_eval_examples=2",
+        "progress_bar=false",
+        "seed=3",
+    ]
 
 
 def run(args, env_extra=None):
@@ -50,8 +61,9 @@ def baseline(tiny_model_dir, tmp_path_factory):
     return data, out
 
 
-@pytest.mark.parametrize("kill_at", ["step:2", "save:6", "step:10"],
-                         ids=["before-first-checkpoint", "during-save", "mid-epoch"])
+@pytest.mark.parametrize(
+    "kill_at", ["step:2", "save:6", "step:10"], ids=["before-first-checkpoint", "during-save", "mid-epoch"]
+)
 def test_sigkill_then_resume_is_bitwise_identical(baseline, tiny_model_dir, tmp_path, kill_at):
     data, base = baseline
     out = tmp_path / "run"
@@ -104,8 +116,9 @@ def test_save_total_limit_keeps_newest(baseline, tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-9", "checkpoint-12"]
     ckpt = out / "checkpoint-12"
-    assert {"model.safetensors", "optimizer.pt", "rng_state.pt", "trainer_state.json", "config.json"} <= \
-        {p.name for p in ckpt.iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "rng_state.pt", "trainer_state.json", "config.json"} <= {
+        p.name for p in ckpt.iterdir()
+    }
     torch.load(ckpt / "optimizer.pt", weights_only=True)  # no pickled objects
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 12 and state["micro_batches"] == 12 and state["config"]["beta"] == 0.1
@@ -127,9 +140,18 @@ class NaNAt:
 
 
 def in_process(tiny_model_dir, data, out, bad, **kw):
-    cfg = DPOConfig(model=str(tiny_model_dir), dataset=str(data), output_dir=str(out), max_steps=6,
-                    per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, progress_bar=False,
-                    save_steps=2, **kw)
+    cfg = DPOConfig(
+        model=str(tiny_model_dir),
+        dataset=str(data),
+        output_dir=str(out),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        progress_bar=False,
+        save_steps=2,
+        **kw,
+    )
     real = dpo.DPOStep
     dpo.DPOStep = lambda *a, **k: NaNAt(real(*a, **k), bad)
     try:
@@ -179,6 +201,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(baseline, tiny_model_di
         if "checkpoint-4" in str(f):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
+
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
     with pytest.raises(UserError, match="checkpoint-4: cannot write checkpoint .No space left on device."):
         in_process(tiny_model_dir, data, tmp_path / "o", bad=[])

@@ -33,7 +33,7 @@ def make_pairs(tok, n=8):
 
 def accumulated_grads(model, step, pairs, batch_size, pad_id):
     model.zero_grad()
-    micro = [collate_padded(pairs[i: i + batch_size], pad_id) for i in range(0, len(pairs), batch_size)]
+    micro = [collate_padded(pairs[i : i + batch_size], pad_id) for i in range(0, len(pairs), batch_size)]
     loop.forward_backward(model, step, micro, Ranks(), "fp32", MetricSums())
     return [p.grad.clone() for p in model.parameters()]
 
@@ -61,12 +61,30 @@ def run_cli(*args):
 
 def test_cli_end_to_end(tiny_model_dir, pref_dir, tmp_path):
     out = tmp_path / "run"
-    r = run_cli("dpo", f"model={tiny_model_dir}", f"dataset={pref_dir}", f"output_dir={out}", "max_steps=4",
-                "per_device_train_batch_size=2", "gradient_accumulation_steps=2", "logging_steps=1",
-                "eval_steps=2", "learning_rate=1e-3", "warmup_steps=1", "lr_scheduler=cosine", "progress_bar=false")
+    r = run_cli(
+        "dpo",
+        f"model={tiny_model_dir}",
+        f"dataset={pref_dir}",
+        f"output_dir={out}",
+        "max_steps=4",
+        "per_device_train_batch_size=2",
+        "gradient_accumulation_steps=2",
+        "logging_steps=1",
+        "eval_steps=2",
+        "learning_rate=1e-3",
+        "warmup_steps=1",
+        "lr_scheduler=cosine",
+        "progress_bar=false",
+    )
     assert r.returncode == 0, r.stderr
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "config.yaml", "metrics.jsonl",
-                 "training_curves.png"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "config.yaml",
+        "metrics.jsonl",
+        "training_curves.png",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -74,8 +92,19 @@ def test_cli_end_to_end(tiny_model_dir, pref_dir, tmp_path):
     eval_rows = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert [r["step"] for r in eval_rows] == [0, 2, 4]
-    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "grad_norm", "learning_rate", "tokens_per_second", "peak_memory_mb"):
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "grad_norm",
+        "learning_rate",
+        "tokens_per_second",
+        "peak_memory_mb",
+    ):
         assert all(key in r for r in train_rows), key
         if key not in ("grad_norm", "learning_rate", "tokens_per_second", "peak_memory_mb"):
             assert all("eval/" + key in r for r in eval_rows), key
@@ -86,8 +115,15 @@ def test_cli_end_to_end(tiny_model_dir, pref_dir, tmp_path):
 
 
 def test_saved_model_gives_same_logps(tiny_model_dir, pref_dir, tmp_path, smol_tokenizer):
-    cfg = DPOConfig(model=str(tiny_model_dir), dataset=str(pref_dir), output_dir=str(tmp_path / "o"), max_steps=2,
-                    per_device_train_batch_size=4, learning_rate=1e-3, progress_bar=False)
+    cfg = DPOConfig(
+        model=str(tiny_model_dir),
+        dataset=str(pref_dir),
+        output_dir=str(tmp_path / "o"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        progress_bar=False,
+    )
     trained = dpo.dpo(cfg).model
     batch = collate_padded(make_pairs(smol_tokenizer, 4), smol_tokenizer.pad_token_id)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32).eval()
@@ -103,9 +139,18 @@ def test_saved_model_gives_same_logps(tiny_model_dir, pref_dir, tmp_path, smol_t
 def test_same_seed_same_trajectory(tiny_model_dir, pref_dir, tmp_path):
     runs = []
     for name in ("a", "b"):
-        r = run_cli("dpo", f"model={tiny_model_dir}", f"dataset={pref_dir}", f"output_dir={tmp_path / name}",
-                    "max_steps=3", "per_device_train_batch_size=4", "logging_steps=1", "learning_rate=1e-3",
-                    "seed=7", "progress_bar=false")
+        r = run_cli(
+            "dpo",
+            f"model={tiny_model_dir}",
+            f"dataset={pref_dir}",
+            f"output_dir={tmp_path / name}",
+            "max_steps=3",
+            "per_device_train_batch_size=4",
+            "logging_steps=1",
+            "learning_rate=1e-3",
+            "seed=7",
+            "progress_bar=false",
+        )
         assert r.returncode == 0, r.stderr
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         runs.append([(x["step"], x["loss"], x["grad_norm"]) for x in rows if "loss" in x])
@@ -115,16 +160,40 @@ def test_same_seed_same_trajectory(tiny_model_dir, pref_dir, tmp_path):
 def test_torchrun_two_ranks_match_one_process(tiny_model_dir, pref_dir, tmp_path):
     """2 ranks x 2 pairs see the same examples as 1 process x 4 pairs (rank r takes order[r::2]), so the
     first step's loss, the all-reduced metrics and the saved weights agree."""
-    common = [f"model={tiny_model_dir}", f"dataset={pref_dir}", "max_steps=2", "logging_steps=1", "precision=fp32",
-              "learning_rate=1e-3", "progress_bar=false", "max_eval_examples=2"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dpokit.cli",
-                        "dpo", *common, f"output_dir={tmp_path / 'ddp'}", "per_device_train_batch_size=2"],
-                       capture_output=True, text=True)
+    common = [
+        f"model={tiny_model_dir}",
+        f"dataset={pref_dir}",
+        "max_steps=2",
+        "logging_steps=1",
+        "precision=fp32",
+        "learning_rate=1e-3",
+        "progress_bar=false",
+        "max_eval_examples=2",
+    ]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "dpokit.cli",
+            "dpo",
+            *common,
+            f"output_dir={tmp_path / 'ddp'}",
+            "per_device_train_batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("dpo", *common, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=4")
     assert r.returncode == 0, r.stderr
-    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-            for name in ("ddp", "one")}
+    rows = {
+        name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        for name in ("ddp", "one")
+    }
     for a, b in zip(rows["ddp"], rows["one"]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)

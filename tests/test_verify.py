@@ -8,7 +8,7 @@ from dpokit.cli import main
 from dpokit.commands.verify import VerifyConfig
 from dpokit.commands.verify import verify as run
 
-SMALL = dict(num_pairs=4000, steps=600, tv_bound=0.04)      # over seeds 0-9 the TV was 0.018-0.030
+SMALL = dict(num_pairs=4000, steps=600, tv_bound=0.04)  # over seeds 0-9 the TV was 0.018-0.030
 
 
 @pytest.fixture(scope="module", params=[0, 1])
@@ -17,16 +17,16 @@ def results(request):
 
 
 def test_dpo_recovers_the_closed_form_optimum(results):
-    assert results["population"]["tv"] < 1e-6                 # exact expectation: the optimum itself
+    assert results["population"]["tv"] < 1e-6  # exact expectation: the optimum itself
     assert results["population"]["kl"] < 1e-9
-    assert results["sampled"]["tv"] < 0.04                     # 4,000 sampled pairs: the empirical optimum
+    assert results["sampled"]["tv"] < 0.04  # 4,000 sampled pairs: the empirical optimum
     assert results["population"]["reward"] == pytest.approx(results["pi_star_reward"], abs=1e-6)
     assert results["pi_star_reward"] > results["pi_ref_reward"]
 
 
 def test_implicit_reward_is_the_reward_up_to_a_function_of_x(results):
     assert results["population"]["implicit_reward_spread"] < 1e-6
-    assert results["sampled"]["implicit_reward_spread"] < 1.0   # finite data: estimation error only
+    assert results["sampled"]["implicit_reward_spread"] < 1.0  # finite data: estimation error only
 
 
 def test_deterministic_labels(results):

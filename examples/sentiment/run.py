@@ -37,21 +37,45 @@ CONFIGS = Path(os.path.relpath(HERE / "configs"))  # relative to the working dir
 # Sizes per scale, as key=value overrides of configs/*.yaml (which hold the "quick" CPU sizes).
 SCALES = {
     # seconds on a tiny model: what the tests run
-    "smoke": {"dpo": ["max_steps=2", "save_steps=1", "per_device_train_batch_size=2", "warmup_steps=0"],
-              "ppo": ["max_steps=1", "save_steps=0", "per_device_train_batch_size=2", "num_samples_per_prompt=2",
-                      "max_new_tokens=6", "warmup_steps=0"],
-              "eval": ["num_samples=4", "max_eval_examples=4", "max_new_tokens=6"],
-              "betas": [0.1], "kl_coefs": [0.05]},
+    "smoke": {
+        "dpo": ["max_steps=2", "save_steps=1", "per_device_train_batch_size=2", "warmup_steps=0"],
+        "ppo": [
+            "max_steps=1",
+            "save_steps=0",
+            "per_device_train_batch_size=2",
+            "num_samples_per_prompt=2",
+            "max_new_tokens=6",
+            "warmup_steps=0",
+        ],
+        "eval": ["num_samples=4", "max_eval_examples=4", "max_new_tokens=6"],
+        "betas": [0.1],
+        "kl_coefs": [0.05],
+    },
     # one CPU core, under an hour: 3 x 20 DPO steps of 8 pairs, 2 x 10 PPO steps of 4 prompts x 4 samples,
     # 10 evaluations of 32 prompts (the sizes of configs/*.yaml)
     "quick": {"dpo": [], "ppo": [], "eval": [], "betas": [0.05, 0.2, 1.0], "kl_coefs": [0.02, 0.1]},
     # a GPU: longer runs, bigger batches, every held-out prompt, and a third kl_coef
-    "full": {"dpo": ["max_steps=400", "save_steps=50", "per_device_train_batch_size=32", "learning_rate=5e-6",
-                     "warmup_steps=20"],
-             "ppo": ["max_steps=400", "save_steps=50", "per_device_train_batch_size=32", "learning_rate=3e-6",
-                     "max_new_tokens=48", "ppo_epochs=4", "warmup_steps=20"],
-             "eval": ["num_samples=220", "max_eval_examples=220", "max_new_tokens=48", "per_device_eval_batch_size=32"],
-             "betas": [0.05, 0.1, 0.5, 2.0], "kl_coefs": [0.01, 0.05, 0.2]},
+    "full": {
+        "dpo": [
+            "max_steps=400",
+            "save_steps=50",
+            "per_device_train_batch_size=32",
+            "learning_rate=5e-6",
+            "warmup_steps=20",
+        ],
+        "ppo": [
+            "max_steps=400",
+            "save_steps=50",
+            "per_device_train_batch_size=32",
+            "learning_rate=3e-6",
+            "max_new_tokens=48",
+            "ppo_epochs=4",
+            "warmup_steps=20",
+        ],
+        "eval": ["num_samples=220", "max_eval_examples=220", "max_new_tokens=48", "per_device_eval_batch_size=32"],
+        "betas": [0.05, 0.1, 0.5, 2.0],
+        "kl_coefs": [0.01, 0.05, 0.2],
+    },
 }
 
 
@@ -63,15 +87,21 @@ def floats(text: str) -> list:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--scale", choices=list(SCALES), default="quick", help="run sizes (default: quick, for a CPU)")
     p.add_argument("--out", default="runs/sentiment", help="where runs, evaluations and the frontier go")
     p.add_argument("--model", default="default", help="pi_ref and the starting policy (default: the embedded model)")
     p.add_argument("--betas", type=floats, help="DPO betas (comma-separated; default: the scale's)")
     p.add_argument("--kl-coefs", type=floats, help="PPO KL coefficients (comma-separated; default: the scale's)")
-    p.add_argument("--seed", type=int, default=0, help="training seed of every run (evaluation keeps its own: "
-                   "configs/eval.yaml, seed 0, the same for every checkpoint)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed of every run (evaluation keeps its own: "
+        "configs/eval.yaml, seed 0, the same for every checkpoint)",
+    )
     p.add_argument("--skip", choices=["dpo", "ppo"], action="append", default=[], help="leave out a method")
     p.add_argument("--force", action="store_true", help="rerun stages already recorded as done")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -147,8 +177,11 @@ def main(argv=None):
     betas = args.betas or scale["betas"]
     kl_coefs = args.kl_coefs or scale["kl_coefs"]
     stages = Stages(out, args.force, args.dry_run)
-    print(f"scale={args.scale} out={out} model={args.model} seed={args.seed} betas={betas} kl_coefs={kl_coefs} "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
+    print(
+        f"scale={args.scale} out={out} model={args.model} seed={args.seed} betas={betas} kl_coefs={kl_coefs} "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        flush=True,
+    )
     t_start = time.perf_counter()
 
     runs = []  # (run directory, eval overrides)
@@ -157,15 +190,39 @@ def main(argv=None):
     if "dpo" not in args.skip:
         for beta in betas:
             run_dir = out / f"dpo-beta{beta:g}"
-            stages.run(f"dpo beta={beta:g}", "DPO training", ["dpo", "--config", str(CONFIGS / "dpo.yaml"), *common,
-                       f"beta={beta:g}", f"output_dir={run_dir}", *scale["dpo"]], fresh=run_dir)
+            stages.run(
+                f"dpo beta={beta:g}",
+                "DPO training",
+                [
+                    "dpo",
+                    "--config",
+                    str(CONFIGS / "dpo.yaml"),
+                    *common,
+                    f"beta={beta:g}",
+                    f"output_dir={run_dir}",
+                    *scale["dpo"],
+                ],
+                fresh=run_dir,
+            )
             prune(run_dir)
             runs.append((run_dir, [f"beta={beta:g}"]))  # eval's implicit reward uses the run's beta
     if "ppo" not in args.skip:
         for kl in kl_coefs:
             run_dir = out / f"ppo-kl{kl:g}"
-            stages.run(f"ppo kl_coef={kl:g}", "PPO training", ["rl", "--config", str(CONFIGS / "ppo.yaml"), *common,
-                       f"kl_coef={kl:g}", f"output_dir={run_dir}", *scale["ppo"]], fresh=run_dir)
+            stages.run(
+                f"ppo kl_coef={kl:g}",
+                "PPO training",
+                [
+                    "rl",
+                    "--config",
+                    str(CONFIGS / "ppo.yaml"),
+                    *common,
+                    f"kl_coef={kl:g}",
+                    f"output_dir={run_dir}",
+                    *scale["ppo"],
+                ],
+                fresh=run_dir,
+            )
             prune(run_dir)
             runs.append((run_dir, []))
 
@@ -174,15 +231,27 @@ def main(argv=None):
         if not found and not args.dry_run:
             sys.exit(f"{run_dir}: no checkpoints to evaluate")
         for ckpt in found or [run_dir / "checkpoint-N"]:
-            stages.run(f"eval {run_dir.name}/{ckpt.name}", "evaluation",
-                       ["eval", "--config", str(CONFIGS / "eval.yaml"), f"model={ckpt}", f"ref_model={args.model}",
-                        f"output_file={ckpt / 'eval.json'}", *extra, *scale["eval"]])
+            stages.run(
+                f"eval {run_dir.name}/{ckpt.name}",
+                "evaluation",
+                [
+                    "eval",
+                    "--config",
+                    str(CONFIGS / "eval.yaml"),
+                    f"model={ckpt}",
+                    f"ref_model={args.model}",
+                    f"output_file={ckpt / 'eval.json'}",
+                    *extra,
+                    *scale["eval"],
+                ],
+            )
 
     model = "SmolLM2-135M-Instruct" if args.model == "default" else Path(args.model).name
     title = f"controlled sentiment ({model}, VADER reward, scale {args.scale}, seed {args.seed})"
     stages.force = True  # the frontier is cheap: always redraw it from every eval present
-    stages.run("frontier", "frontier", ["frontier", f"inputs={out}", f"output_dir={out / 'frontier'}",
-                                        f"title={title}"])
+    stages.run(
+        "frontier", "frontier", ["frontier", f"inputs={out}", f"output_dir={out / 'frontier'}", f"title={title}"]
+    )
     if args.dry_run:
         return
     summary = stages.summary()

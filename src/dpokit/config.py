@@ -24,7 +24,6 @@ def opt(default, help: str, choices=None, **kw):
     return field(default=default, metadata={"help": help, "choices": choices}, **kw)
 
 
-
 # dpokit.precision.PRECISIONS (kept here so that config answers without importing torch; a test keeps
 # the two lists equal)
 PRECISIONS = ["auto", "fp32", "bf16"]
@@ -35,20 +34,27 @@ class TrainConfig:
     """What every training stage shares: model, data, optimisation, logging and saving."""
 
     # --- model and data
-    model: str = opt("default", "policy to train: a HF model directory, a hub name, a .gguf file, or "
-                     "'default' for the embedded SmolLM2-135M-Instruct")
+    model: str = opt(
+        "default",
+        "policy to train: a HF model directory, a hub name, a .gguf file, or "
+        "'default' for the embedded SmolLM2-135M-Instruct",
+    )
     dataset: str = opt(None, "training data: a .jsonl/.json/.parquet/.csv file, a `datasets` directory, or a hub name")
     dataset_train_split: str = opt("train", "split of `dataset` to train on (for `datasets` names and directories)")
-    eval_dataset: typing.Optional[str] = opt(None, "held-out data (file or name); default: the `dataset_test_split` "
-                                              "split of `dataset` when it has one")
+    eval_dataset: typing.Optional[str] = opt(
+        None, "held-out data (file or name); default: the `dataset_test_split` split of `dataset` when it has one"
+    )
     dataset_test_split: str = opt("test", "split of `dataset` (or `eval_dataset`) to evaluate on")
     max_eval_examples: typing.Optional[int] = opt(None, "evaluate on at most this many held-out examples")
     output_dir: str = opt("runs/dpo", "where the trained model, config, metrics and plots are written")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code (off unless you trust them)")
     # --- tokenization
-    max_length: typing.Optional[int] = opt(1024, "maximum tokens of prompt + response; longer responses are cut at "
-                                             "the end (and lose their EOS)")
-    max_prompt_length: typing.Optional[int] = opt(512, "maximum prompt tokens; longer prompts are cut per truncation_mode")
+    max_length: typing.Optional[int] = opt(
+        1024, "maximum tokens of prompt + response; longer responses are cut at the end (and lose their EOS)"
+    )
+    max_prompt_length: typing.Optional[int] = opt(
+        512, "maximum prompt tokens; longer prompts are cut per truncation_mode"
+    )
     truncation_mode: str = opt("keep_end", "which part of a too-long prompt to keep", ["keep_end", "keep_start"])
     # --- optimisation
     learning_rate: float = opt(1e-6, "peak learning rate")
@@ -62,38 +68,59 @@ class TrainConfig:
     num_train_epochs: float = opt(1.0, "passes over the training data (fractions allowed); ignored if max_steps > 0")
     max_steps: int = opt(-1, "optimizer steps to run; -1 means use num_train_epochs")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 disables clipping)")
-    precision: str = opt("auto", "auto: bf16 where the device computes it natively (CUDA with bf16, CPUs with "
-                         "avx512_bf16 / amx_bf16), else fp32; or fp32; or bf16 autocast with fp32 master "
-                         "weights", PRECISIONS)
+    precision: str = opt(
+        "auto",
+        "auto: bf16 where the device computes it natively (CUDA with bf16, CPUs with "
+        "avx512_bf16 / amx_bf16), else fp32; or fp32; or bf16 autocast with fp32 master "
+        "weights",
+        PRECISIONS,
+    )
     disable_dropout: bool = opt(True, "turn off dropout in the policy (and reference) so log-probs are deterministic")
-    padding_free: bool = opt(False, "pack the batch's sequences into one row (no padding computed), attention "
-                             "kept within each sequence")
-    prefix_sharing: bool = opt(False, "one [prompt | chosen | rejected] sequence per pair: the prompt is computed "
-                               "once (needs attn_implementation sdpa or eager)")
-    logprob_chunk_size: typing.Optional[int] = opt(None, "compute response-token log-probs in chunks of this many "
-                                                   "tokens (the full tokens x vocabulary logits never exist)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, ~30% more "
-                                       "compute (off by default: turn on when memory runs out)")
+    padding_free: bool = opt(
+        False, "pack the batch's sequences into one row (no padding computed), attention kept within each sequence"
+    )
+    prefix_sharing: bool = opt(
+        False,
+        "one [prompt | chosen | rejected] sequence per pair: the prompt is computed "
+        "once (needs attn_implementation sdpa or eager)",
+    )
+    logprob_chunk_size: typing.Optional[int] = opt(
+        None,
+        "compute response-token log-probs in chunks of this many "
+        "tokens (the full tokens x vocabulary logits never exist)",
+    )
+    gradient_checkpointing: bool = opt(
+        False,
+        "recompute activations in the backward pass: less memory, ~30% more "
+        "compute (off by default: turn on when memory runs out)",
+    )
     use_lora: bool = opt(False, "train LoRA adapters (peft) instead of all weights; merged into a plain model on save")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: float = opt(32.0, "LoRA scaling alpha (the update is scaled by alpha / r)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA input")
-    lora_target_modules: typing.List[str] = opt(["all-linear"], "modules that get adapters: names such as "
-                                                "q_proj,v_proj, or all-linear")
+    lora_target_modules: typing.List[str] = opt(
+        ["all-linear"], "modules that get adapters: names such as q_proj,v_proj, or all-linear"
+    )
     seed: int = opt(42, "seed for model init, data order and sampling; the same seed repeats the run")
     # --- logging, evaluation, saving
     logging_steps: int = opt(10, "log metrics every this many optimizer steps")
     eval_steps: int = opt(0, "evaluate every this many steps (0: only before and after training)")
     save_steps: int = opt(0, "write a checkpoint every this many steps (0: only at the end)")
     save_total_limit: typing.Optional[int] = opt(None, "keep only the newest N checkpoints (none: keep all)")
-    resume: typing.Optional[str] = opt(None, "'auto': continue from the newest complete checkpoint in output_dir "
-                                       "(or start fresh if none); or a checkpoint directory")
-    max_nonfinite_steps: int = opt(3, "stop after this many optimizer steps in a row with a non-finite loss "
-                                   "or gradient (each such step is skipped)")
+    resume: typing.Optional[str] = opt(
+        None,
+        "'auto': continue from the newest complete checkpoint in output_dir "
+        "(or start fresh if none); or a checkpoint directory",
+    )
+    max_nonfinite_steps: int = opt(
+        3,
+        "stop after this many optimizer steps in a row with a non-finite loss or gradient (each such step is skipped)",
+    )
     progress_bar: bool = opt(True, "show a progress bar with ETA on the console")
 
 
 # ---------------------------------------------------------------------------------------------------
+
 
 def fields_of(cls):
     hints = typing.get_type_hints(cls)
@@ -149,7 +176,7 @@ def coerce(key: str, value, tp, choices=None, source: str = ""):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             out = int(value) if not isinstance(value, str) else int(value.strip())
-            if not -2**63 <= out < 2**63:  # every integer key ends up in a 64-bit tensor or C call
+            if not -(2**63) <= out < 2**63:  # every integer key ends up in a 64-bit tensor or C call
                 raise UserError(f"{where}key '{key}': {out} is out of range")
         elif base is float:
             if isinstance(value, bool):
@@ -234,8 +261,9 @@ def resolve_config(cls, config, **stand_ins):
     elif config is None:
         cfg = load_config(cls, None, validate_now=False)
     else:
-        raise UserError(f"config: expected a {cls.__name__}, a dict of keys or a YAML path, got "
-                        f"{type(config).__name__}")
+        raise UserError(
+            f"config: expected a {cls.__name__}, a dict of keys or a YAML path, got {type(config).__name__}"
+        )
     known = {f.name for f in dataclasses.fields(cls)}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in stand_ins.items() if v is not None and k in known})
     validate(cfg)
@@ -270,9 +298,18 @@ def read_yaml(path: Path):
 
 def validate(cfg):
     """Range checks that types alone cannot express."""
-    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "num_samples", "max_new_tokens", "max_nonfinite_steps", "save_total_limit",
-                "logprob_chunk_size", "lora_r"]
+    positive = [
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "num_samples",
+        "max_new_tokens",
+        "max_nonfinite_steps",
+        "save_total_limit",
+        "logprob_chunk_size",
+        "lora_r",
+    ]
     for name in positive:
         if getattr(cfg, name, None) is not None and getattr(cfg, name) < 1:
             raise UserError(f"key '{name}': must be at least 1, got {getattr(cfg, name)}")
@@ -280,8 +317,16 @@ def validate(cfg):
         v = getattr(cfg, name, None)
         if v is not None and v < 1:
             raise UserError(f"key '{name}': must be at least 1 or none, got {v}")
-    for name in ["learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "eval_steps", "save_steps",
-                 "ref_sync_steps", "simpo_gamma"]:
+    for name in [
+        "learning_rate",
+        "weight_decay",
+        "warmup_steps",
+        "max_grad_norm",
+        "eval_steps",
+        "save_steps",
+        "ref_sync_steps",
+        "simpo_gamma",
+    ]:
         if hasattr(cfg, name) and getattr(cfg, name) < 0:
             raise UserError(f"key '{name}': must be non-negative, got {getattr(cfg, name)}")
     if hasattr(cfg, "beta") and not cfg.beta > 0:
@@ -315,8 +360,13 @@ def validate(cfg):
 
 def help_text(cls, command: str) -> str:
     """Every key with its type, default, choices and help, for `dpokit <command> --help`."""
-    lines = [f"usage: dpokit {command} [--config FILE.yaml] [key=value ...]", "",
-             (cls.__doc__ or "").strip(), "", "keys:"]
+    lines = [
+        f"usage: dpokit {command} [--config FILE.yaml] [key=value ...]",
+        "",
+        (cls.__doc__ or "").strip(),
+        "",
+        "keys:",
+    ]
     for f, tp in fields_of(cls):
         base, optional = _base_type(tp)
         choices = f.metadata.get("choices")

@@ -29,11 +29,15 @@ class Interrupted(KeyboardInterrupt):
 
     def __init__(self, signame, checkpoint=None, at_once=False):
         if at_once:
-            text = (f"stopped at once by a second {signame}, without saving; run the same command with "
-                    f"resume=auto to continue from the last checkpoint")
+            text = (
+                f"stopped at once by a second {signame}, without saving; run the same command with "
+                f"resume=auto to continue from the last checkpoint"
+            )
         elif checkpoint is not None:
-            text = (f"stopped by {signame}; checkpoint saved to {checkpoint}; "
-                    f"run the same command with resume=auto to continue")
+            text = (
+                f"stopped by {signame}; checkpoint saved to {checkpoint}; "
+                f"run the same command with resume=auto to continue"
+            )
         else:
             text = f"stopped by {signame} (this run writes no checkpoints)"
         super().__init__(text)

@@ -58,9 +58,9 @@ def gather_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch
 
     Position t predicts token t+1, so token t+1 counts when loss_mask[t+1] is set.
     """
-    targets = input_ids[:, 1:]                            # (N, T-1)
-    mask = loss_mask[:, 1:].bool()                        # (N, T-1)
-    row = mask.nonzero()[:, 0]                            # (M,) which sequence each token is in
+    targets = input_ids[:, 1:]  # (N, T-1)
+    mask = loss_mask[:, 1:].bool()  # (N, T-1)
+    row = mask.nonzero()[:, 0]  # (M,) which sequence each token is in
     logps = sum_per_sequence(token_logps(logits[:, :-1][mask], targets[mask]), row, input_ids.shape[0])
     return logps, mask.sum(-1)
 
@@ -70,7 +70,7 @@ def sequence_logps(model, batch: dict, chunk_size: int | None = None, fp32_head:
     then rejected, whatever the layout. chunk_size: compute the lm_head that many positions at a time.
     fp32_head: under autocast, compute the output layer in fp32 all the same (see the module docstring;
     False: the model's own head in the autocast dtype, ~0.1 nats of noise per sequence in bf16)."""
-    positions, targets, sequences = response_targets(batch)                            # each (M,)
+    positions, targets, sequences = response_targets(batch)  # each (M,)
     inputs = model_inputs(model, batch)
     if chunk_size is None:
         token_lp = token_logps_from_logits(model, inputs, positions, targets, fp32_head)
@@ -82,13 +82,14 @@ def sequence_logps(model, batch: dict, chunk_size: int | None = None, fp32_head:
 
 # --- what the model is given, and which of its outputs count -------------------------------------------
 
+
 def response_targets(batch: dict):
     """(logit_positions, target_ids, target_sequence), each (M,): the flat position into input_ids.view(-1)
     whose logits predict each response token, the token, and its sequence (0..2B-1)."""
     if "logit_positions" in batch:
         return batch["logit_positions"], batch["target_ids"], batch["target_sequence"]
-    ids, mask = batch["input_ids"], batch["loss_mask"].bool()                          # padded: (2B, T)
-    row, col = mask[:, 1:].nonzero(as_tuple=True)          # token col+1 of row is a response token
+    ids, mask = batch["input_ids"], batch["loss_mask"].bool()  # padded: (2B, T)
+    row, col = mask[:, 1:].nonzero(as_tuple=True)  # token col+1 of row is a response token
     return row * ids.shape[1] + col, ids[row, col + 1], row
 
 
@@ -102,11 +103,12 @@ def model_inputs(model, batch: dict) -> dict:
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     if layout == "packed":
         return inputs  # attention_mask=None: transformers derives the packed mask from position_ids
-    allowed = prefix_shared_mask(batch["sequence_ids"], batch["segment_ids"])       # (N, 1, T, T)
+    allowed = prefix_shared_mask(batch["sequence_ids"], batch["segment_ids"])  # (N, 1, T, T)
     if inner.config._attn_implementation == "eager":
-        dtype = inner.get_input_embeddings().weight.dtype   # eager adds the mask to the attention scores
+        dtype = inner.get_input_embeddings().weight.dtype  # eager adds the mask to the attention scores
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+            ~allowed, torch.finfo(dtype).min
+        )
     return {**inputs, "attention_mask": allowed}
 
 
@@ -117,18 +119,21 @@ def check_attention_layers(config, layout: str, longest: int):
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     impl = config._attn_implementation
     if layout.startswith("prefix_shared") and impl not in ("sdpa", "eager"):
-        raise UserError(f"prefix sharing needs attn_implementation sdpa or eager (an explicit 4D mask), "
-                        f"not {impl}")
+        raise UserError(f"prefix sharing needs attn_implementation sdpa or eager (an explicit 4D mask), not {impl}")
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     other = kinds - {"full_attention", "sliding_attention"}
     if other:
-        raise UserError(f"the {layout} layout needs a model made of attention layers only; this one has "
-                        f"{', '.join(sorted(other))} layers: use the padded layout")
+        raise UserError(
+            f"the {layout} layout needs a model made of attention layers only; this one has "
+            f"{', '.join(sorted(other))} layers: use the padded layout"
+        )
     window = getattr(config, "sliding_window", None)
     sliding = "sliding_attention" in kinds or (window and getattr(config, "use_sliding_window", True))
     if layout.startswith("prefix_shared") and sliding and window and longest > window:
-        raise UserError(f"prefix sharing: a sequence of {longest} tokens is longer than the model's sliding "
-                        f"window ({window}); use padding_free or the padded layout")
+        raise UserError(
+            f"prefix sharing: a sequence of {longest} tokens is longer than the model's sliding "
+            f"window ({window}); use padding_free or the padded layout"
+        )
 
 
 def unwrap(model):
@@ -150,7 +155,7 @@ def kept_positions(model, positions: torch.Tensor, shape):
     N, T = shape
     if "logits_to_keep" not in inspect.signature(unwrap(model).forward).parameters:
         return None, positions
-    columns = torch.unique(positions % T)                                              # (K,) sorted
+    columns = torch.unique(positions % T)  # (K,) sorted
     rows = (positions // T) * len(columns) + torch.searchsorted(columns, positions % T)
     return columns, rows
 
@@ -160,8 +165,8 @@ def token_logps_from_logits(model, inputs: dict, positions, targets, fp32_head: 
     keep, rows = kept_positions(model, positions, inputs["input_ids"].shape)
     extra = {} if keep is None else {"logits_to_keep": keep}
     with fp32_output_layer(model, fp32_head):
-        logits = model(**inputs, use_cache=False, **extra).logits                      # (N, K, V)
-    return token_logps(logits.flatten(0, 1)[rows], targets)                            # (M,)
+        logits = model(**inputs, use_cache=False, **extra).logits  # (N, K, V)
+    return token_logps(logits.flatten(0, 1)[rows], targets)  # (M,)
 
 
 @contextlib.contextmanager
@@ -181,7 +186,7 @@ def fp32_output_layer(model, enabled: bool = True):
     device, plain, given = weight.device.type, type(head) is torch.nn.Linear, []
 
     def take_input(module, args):
-        given.append(args[0])                                  # (..., H)
+        given.append(args[0])  # (..., H)
         if plain:
             return (args[0].reshape(-1, args[0].shape[-1])[:1],) + args[1:]
 
@@ -189,8 +194,8 @@ def fp32_output_layer(model, enabled: bool = True):
         h = given.pop()
         with torch.autocast(device, enabled=False):
             if plain:
-                return F.linear(h.float(), module.weight, module.bias)              # (..., V) fp32
-            return module.forward(h.float())                   # e.g. a LoRA-wrapped head, fp32 weights
+                return F.linear(h.float(), module.weight, module.bias)  # (..., V) fp32
+            return module.forward(h.float())  # e.g. a LoRA-wrapped head, fp32 weights
 
     hooks = [head.register_forward_pre_hook(take_input), head.register_forward_hook(fp32_logits)]
     try:
@@ -202,19 +207,22 @@ def fp32_output_layer(model, enabled: bool = True):
 
 # --- the chunked lm_head ---------------------------------------------------------------------------------
 
+
 def output_head(model):
     """(weight (V, H), bias (V,) or None, scale, softcap) of a standard *ForCausalLM's output layer:
     logits = softcap * tanh(scale * (h W^T + b) / softcap), the last step only if softcap is set."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear:
-        raise UserError(f"chunked log-probs need a *ForCausalLM whose get_output_embeddings() is a plain "
-                        f"nn.Linear; {type(model).__name__} has {type(head).__name__} (a LoRA on lm_head?): "
-                        f"set logprob_chunk_size to null")
+        raise UserError(
+            f"chunked log-probs need a *ForCausalLM whose get_output_embeddings() is a plain "
+            f"nn.Linear; {type(model).__name__} has {type(head).__name__} (a LoRA on lm_head?): "
+            f"set logprob_chunk_size to null"
+        )
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:       # Cohere: logits * logit_scale
+    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
         scale *= config.logit_scale
-    if getattr(config, "logits_scaling", None) is not None:    # Granite: logits / logits_scaling
+    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
         scale /= config.logits_scaling
     softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 / 3
     return head, scale, softcap
@@ -223,8 +231,9 @@ def output_head(model):
 _CHECKED_HEADS = weakref.WeakSet()  # models whose logits we have once reproduced from their hidden states
 
 
-def chunked_token_logps(model, inputs: dict, positions, targets, chunk_size: int,
-                        fp32_head: bool = True) -> torch.Tensor:
+def chunked_token_logps(
+    model, inputs: dict, positions, targets, chunk_size: int, fp32_head: bool = True
+) -> torch.Tensor:
     """log pi(target) for each response token, (M,), never holding more than chunk_size rows of logits."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise UserError(f"logprob_chunk_size must be a positive integer, got {chunk_size!r}")
@@ -235,8 +244,8 @@ def chunked_token_logps(model, inputs: dict, positions, targets, chunk_size: int
     seen = []
 
     def take_hidden_states(module, args):
-        seen.append(args[0])                                   # (N, K, H): what the head would multiply
-        return (args[0].reshape(-1, args[0].shape[-1])[:1],) + args[1:]   # the model's own head: 1 position
+        seen.append(args[0])  # (N, K, H): what the head would multiply
+        return (args[0].reshape(-1, args[0].shape[-1])[:1],) + args[1:]  # the model's own head: 1 position
 
     hook = head.register_forward_pre_hook(take_hidden_states)
     try:
@@ -244,26 +253,34 @@ def chunked_token_logps(model, inputs: dict, positions, targets, chunk_size: int
     finally:
         hook.remove()
     if len(seen) != 1:
-        raise UserError(f"chunked log-probs: {type(inner).__name__} called its output layer {len(seen)} times "
-                        f"in one forward; set logprob_chunk_size to null")
-    hidden = seen[0].reshape(-1, seen[0].shape[-1])                                    # (N*K, H)
+        raise UserError(
+            f"chunked log-probs: {type(inner).__name__} called its output layer {len(seen)} times "
+            f"in one forward; set logprob_chunk_size to null"
+        )
+    hidden = seen[0].reshape(-1, seen[0].shape[-1])  # (N*K, H)
     if inner not in _CHECKED_HEADS:
         check_head(inner, hidden[:1], out.logits, head, scale, softcap)
         _CHECKED_HEADS.add(inner)
-    return ChunkedTokenLogps.apply(hidden[rows], head.weight, head.bias, targets, chunk_size, scale, softcap,
-                                   fp32_head)
+    return ChunkedTokenLogps.apply(hidden[rows], head.weight, head.bias, targets, chunk_size, scale, softcap, fp32_head)
 
 
 @torch.no_grad()
 def check_head(model, hidden, model_logits, head, scale, softcap):
     """Our logits at one position must be the model's: catches a final transform we don't know of."""
-    ours = head_logits(hidden, head.weight.to(model_logits.dtype),
-                       None if head.bias is None else head.bias.to(model_logits.dtype), scale, softcap)[0]
+    ours = head_logits(
+        hidden,
+        head.weight.to(model_logits.dtype),
+        None if head.bias is None else head.bias.to(model_logits.dtype),
+        scale,
+        softcap,
+    )[0]
     theirs = model_logits.reshape(-1, model_logits.shape[-1])[:1].float()
     err = (ours - theirs).abs().max().item()
     if not err <= 1e-2 * theirs.abs().max().item() + 1e-4:
-        raise UserError(f"chunked log-probs: {type(model).__name__}'s logits are not its lm_head applied to "
-                        f"its last hidden states (max difference {err:.3g}); set logprob_chunk_size to null")
+        raise UserError(
+            f"chunked log-probs: {type(model).__name__}'s logits are not its lm_head applied to "
+            f"its last hidden states (max difference {err:.3g}); set logprob_chunk_size to null"
+        )
 
 
 def head_logits(h, weight, bias, scale: float, softcap):
@@ -272,7 +289,7 @@ def head_logits(h, weight, bias, scale: float, softcap):
     z = F.linear(h.to(weight.dtype), weight, bias).float() * scale
     if softcap is None:
         return z, None
-    t = torch.tanh(z / softcap)                      # Gemma 2: softcap * tanh(z / softcap)
+    t = torch.tanh(z / softcap)  # Gemma 2: softcap * tanh(z / softcap)
     return softcap * t, scale * (1 - t * t)
 
 
@@ -298,18 +315,18 @@ class ChunkedTokenLogps(torch.autograd.Function):
         autocast = torch.is_autocast_enabled(device) and not fp32_head
         dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)      # (M,)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # (M,)
         c = chunk_size
         with torch.autocast(device, enabled=False):
             for s in range(0, hidden.shape[0], c):
-                logits, _ = head_logits(hidden[s: s + c], w, b, scale, softcap)             # (c, V) fp32
-                out[s: s + c] = token_logps(logits, targets[s: s + c])
+                logits, _ = head_logits(hidden[s : s + c], w, b, scale, softcap)  # (c, V) fp32
+                out[s : s + c] = token_logps(logits, targets[s : s + c])
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk_size, ctx.scale, ctx.softcap, ctx.dtype = chunk_size, scale, softcap, dtype
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):                                                           # (M,)
+    def backward(ctx, grad_out):  # (M,)
         hidden, weight, bias, targets = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         w, b = weight.to(ctx.dtype), None if bias is None else bias.to(ctx.dtype)
@@ -317,18 +334,26 @@ class ChunkedTokenLogps(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         c = ctx.chunk_size
-        with torch.autocast(hidden.device.type, enabled=False):          # the matmuls in ctx.dtype, always
+        with torch.autocast(hidden.device.type, enabled=False):  # the matmuls in ctx.dtype, always
             for s in range(0, hidden.shape[0], c):
-                h, t, g = hidden[s: s + c], targets[s: s + c], grad_out[s: s + c, None].float()  # (c, H) (c,) (c, 1)
-                logits, dlogits_draw = head_logits(h, w, b, ctx.scale, ctx.softcap)            # (c, V)
+                h, t, g = hidden[s : s + c], targets[s : s + c], grad_out[s : s + c, None].float()  # (c, H) (c,) (c, 1)
+                logits, dlogits_draw = head_logits(h, w, b, ctx.scale, ctx.softcap)  # (c, V)
                 dlogits = logits.softmax(-1).mul_(-g).scatter_add_(-1, t[:, None], g)  # g (onehot(t) - softmax)
                 draw = dlogits.mul_(ctx.scale if dlogits_draw is None else dlogits_draw)  # w.r.t. h W^T + b
                 if need_b:
                     grad_b += draw.sum(0)
                 draw = draw.to(ctx.dtype)
                 if need_h:
-                    grad_h[s: s + c] = draw @ w                                               # (c, H)
+                    grad_h[s : s + c] = draw @ w  # (c, H)
                 if need_w:
-                    grad_w += (draw.T @ h.to(ctx.dtype)).float()                               # (V, H)
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+                    grad_w += (draw.T @ h.to(ctx.dtype)).float()  # (V, H)
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )

@@ -29,8 +29,14 @@ import torch.nn.functional as F
 
 # --- shared pieces ------------------------------------------------------------------------------------
 
-def log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-               reference_free: bool = False):
+
+def log_ratios(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    reference_free: bool = False,
+):
     """(a, b): the chosen and rejected log-ratios log pi/pi_ref, each (B,). reference_free: pi_ref uniform,
     i.e. log pi_ref = 0 and the reference inputs are ignored (may be None)."""
     if reference_free:
@@ -59,9 +65,19 @@ def log1mexp(x):
 
 # --- losses with a reference ---------------------------------------------------------------------------
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-             beta: float, label_smoothing: float = 0.0, *, reference_free: bool = False,
-             chosen_lengths=None, rejected_lengths=None):
+
+def dpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    beta: float,
+    label_smoothing: float = 0.0,
+    *,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """DPO, Rafailov et al. 2023 (arXiv 2305.18290), Eq. 7:
 
         L = -log s(beta h)
@@ -72,16 +88,26 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     Its optimum is finite: beta h* = log((1 - eps) / eps) on a pair seen only one way. eps may be a (B,)
     tensor of per-pair flip probabilities (soft labels).
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
-    logits = a - b                                                      # h, (B,)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
+    logits = a - b  # h, (B,)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def robust_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                *, beta, label_smoothing: float = 0.0, reference_free: bool = False,
-                chosen_lengths=None, rejected_lengths=None):
+def robust_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """Robust DPO (rDPO), Chowdhury et al. 2024 (arXiv 2403.00409), the de-biased loss of Sec. 3:
 
         L = [ (1 - eps) * -log s(beta h)  -  eps * -log s(-beta h) ] / (1 - 2 eps)
@@ -92,17 +118,28 @@ def robust_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_log
     """
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"robust loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     logits = a - b
-    losses = ((1 - label_smoothing) * -F.logsigmoid(beta * logits)
-              - label_smoothing * -F.logsigmoid(-beta * logits)) / (1 - 2 * label_smoothing)
+    losses = (
+        (1 - label_smoothing) * -F.logsigmoid(beta * logits) - label_smoothing * -F.logsigmoid(-beta * logits)
+    ) / (1 - 2 * label_smoothing)
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-             *, beta, ipo_length_normalize: bool = False, reference_free: bool = False,
-             chosen_lengths=None, rejected_lengths=None):
+def ipo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    ipo_length_normalize: bool = False,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """IPO, Azar et al. 2023 (arXiv 2310.12036), Eq. 17, with tau = beta:
 
         L = (h - 1 / (2 tau))^2
@@ -113,47 +150,78 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     does (a/|y_w| - b/|y_l|). We follow the paper: its target margin 1/(2 tau) and closed-form optimum are
     statements about whole-sequence log-ratios, and `dpokit verify` checks exactly that optimum.
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     if ipo_length_normalize:
-        logits = (average_logps(a, chosen_lengths, "chosen_lengths")
-                  - average_logps(b, rejected_lengths, "rejected_lengths"))
+        logits = average_logps(a, chosen_lengths, "chosen_lengths") - average_logps(
+            b, rejected_lengths, "rejected_lengths"
+        )
     else:
         logits = a - b
     losses = (logits - 1 / (2 * beta)) ** 2
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def hinge_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-               *, beta, reference_free: bool = False, chosen_lengths=None, rejected_lengths=None):
+def hinge_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """SLiC / RSO hinge loss: RSO's "hinge-norm", Liu et al. 2023 (arXiv 2309.06657), Sec. 3; SLiC-HF's
     calibration loss (Zhao et al. 2023, arXiv 2305.10425) with the reference log-ratio and margin 1/beta:
 
         L = max(0, 1 - beta h)
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     losses = torch.relu(1 - beta * (a - b))
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def nca_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                  *, beta, reference_free: bool = False, chosen_lengths=None, rejected_lengths=None):
+def nca_pair_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """NCA, Chen et al. 2024 (arXiv 2402.05369), the NCA loss for K = 2 responses with a hard label:
 
         L = -log s(beta a) - 1/2 log s(-beta a) - 1/2 log s(-beta b)
 
     Each response's reward beta * log-ratio is judged on its own (absolute), not only the margin h.
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     losses = -F.logsigmoid(beta * a) - 0.5 * F.logsigmoid(-beta * a) - 0.5 * F.logsigmoid(-beta * b)
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                  *, beta, label_smoothing: float = 1e-3, reference_free: bool = False,
-                  chosen_lengths=None, rejected_lengths=None):
+def exo_pair_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    label_smoothing: float = 1e-3,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """EXO, Ji et al. 2024 (arXiv 2402.00856), Eq. 16 with K = 2: the reverse KL from the model's pair
     distribution p = (s(beta h), s(-beta h)) to the smoothed label distribution q = (1 - eps, eps):
 
@@ -162,16 +230,28 @@ def exo_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
     eps = label_smoothing; 0 means the default 1e-3 (as TRL), since eps = 0 makes log eps infinite.
     """
     eps = label_smoothing if label_smoothing > 0 else 1e-3
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     z = beta * (a - b)
-    losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps))
-              + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    losses = torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps)) + torch.sigmoid(-z) * (
+        F.logsigmoid(-z) - math.log(eps)
+    )
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def bco_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                  *, beta, bco_delta=None, reference_free: bool = False, chosen_lengths=None, rejected_lengths=None):
+def bco_pair_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    bco_delta=None,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """BCO, Jung et al. 2024 (arXiv 2404.04656), the paired binary-classifier loss with reward shift delta:
 
         L = -log s(beta a - delta) - log s(-(beta b - delta))
@@ -185,8 +265,9 @@ def bco_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
     once the mean reward moves off zero: by 8e-4 in the loss and 3% in the gradient on one reviewed batch).
     None uses this batch's mean reward.
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     chosen_rewards, rejected_rewards = implicit_rewards(beta, a, b)
     delta = torch.cat([chosen_rewards, rejected_rewards]).mean() if bco_delta is None else bco_delta
     losses = -F.logsigmoid(beta * a - delta) - F.logsigmoid(-(beta * b - delta))
@@ -215,48 +296,87 @@ class RewardMean:
         self.mean, self.count = float(state["mean"]), int(state["count"])
 
 
-def sppo_hard_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                   *, beta, reference_free: bool = False, chosen_lengths=None, rejected_lengths=None):
+def sppo_hard_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """SPPO, Wu et al. 2024 (arXiv 2405.00675), Eq. 4.7 (Algorithm 1) with eta = 1/beta and the hard win
     probability P(y_w > pi_t) = 1, P(y_l > pi_t) = 0 (the paper estimates soft ones with PairRM):
 
         L = (a - 1/(2 beta))^2 + (b + 1/(2 beta))^2
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     losses = (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def apo_zero_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                  *, beta, reference_free: bool = False, chosen_lengths=None, rejected_lengths=None):
+def apo_zero_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """APO-zero, D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 7: push the chosen likelihood up and
     the rejected one down (for chosen answers better than the model's own):
 
         L = (1 - s(beta a)) + s(beta b)
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     losses = (1 - torch.sigmoid(beta * a)) + torch.sigmoid(beta * b)
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def apo_down_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                  *, beta, reference_free: bool = False, chosen_lengths=None, rejected_lengths=None):
+def apo_down_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """APO-down, D'Oosterlinck et al. 2024 (arXiv 2408.06266), Eq. 8: push both likelihoods down, the
     rejected one more (for chosen answers worse than the model's own):
 
         L = s(beta a) + (1 - s(beta (a - b)))
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     losses = torch.sigmoid(beta * a) + (1 - torch.sigmoid(beta * (a - b)))
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def aot_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-             *, beta, label_smoothing: float = 0.0, reference_free: bool = False,
-             chosen_lengths=None, rejected_lengths=None):
+def aot_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """AOT (unpaired form), Melnyk et al. 2024 (arXiv 2406.05882): first-order stochastic dominance of
     the policy's margins over the reference's, via the one-dimensional optimal transport = sorting.
     With u = sort_batch(log pi(y_w) - log pi(y_l)), v = sort_batch(log pi_ref(y_w) - log pi_ref(y_l)):
@@ -265,33 +385,53 @@ def aot_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
     The losses are per *rank* in the batch, not per pair: they depend on the whole batch.
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
-    policy_margin = policy_chosen_logps - policy_rejected_logps        # (B,)
-    reference_margin = policy_margin - (a - b)                         # (B,), zeros if reference_free
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
+    policy_margin = policy_chosen_logps - policy_rejected_logps  # (B,)
+    reference_margin = policy_margin - (a - b)  # (B,), zeros if reference_free
     delta = torch.sort(policy_margin, dim=0).values - torch.sort(reference_margin, dim=0).values
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def aot_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                  *, beta, label_smoothing: float = 0.0, reference_free: bool = False,
-                  chosen_lengths=None, rejected_lengths=None):
+def aot_pair_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """AOT (paired form), Melnyk et al. 2024 (arXiv 2406.05882): the chosen log-ratios should dominate the
     rejected ones in distribution. With u = sort_batch(a), v = sort_batch(b):
 
         L_i = -(1 - eps) log s(beta (u_i - v_i)) - eps log s(-beta (u_i - v_i))
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     delta = torch.sort(a, dim=0).values - torch.sort(b, dim=0).values
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
     return (losses, *implicit_rewards(beta, a, b))
 
 
-def discopop_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                  *, beta, discopop_tau: float = 0.05, reference_free: bool = False,
-                  chosen_lengths=None, rejected_lengths=None):
+def discopop_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    discopop_tau: float = 0.05,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """DiscoPOP / log-ratio modulated loss, Chris Lu et al. 2024 (arXiv 2406.08414), Eq. 5. With
     rho = beta h and the mixing weight m = s(rho / tau):
 
@@ -300,8 +440,9 @@ def discopop_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
     m * exp(-rho) is computed as exp(log s(rho/tau) - rho): the naive product is 0 * inf = nan for very
     negative rho in fp32, where the true value is ~exp(rho (1/tau - 1)) -> 0.
     """
-    a, b = log_ratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                      reference_rejected_logps, reference_free)
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
     rho = beta * (a - b)
     losses = torch.sigmoid(-rho / discopop_tau) * -F.logsigmoid(rho) + torch.exp(F.logsigmoid(rho / discopop_tau) - rho)
     return (losses, *implicit_rewards(beta, a, b))
@@ -309,9 +450,18 @@ def discopop_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_l
 
 # --- reference-free losses ------------------------------------------------------------------------------
 
-def simpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps=None,
-               reference_rejected_logps=None, *, beta, simpo_gamma: float = 0.5,
-               chosen_lengths=None, rejected_lengths=None):
+
+def simpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps=None,
+    reference_rejected_logps=None,
+    *,
+    beta,
+    simpo_gamma: float = 0.5,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """SimPO, Meng et al. 2024 (arXiv 2405.14734), Eq. 6: length-normalised reward, target margin gamma:
 
         L = -log s( beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma )
@@ -325,8 +475,16 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logp
     return losses, beta * avg_chosen.detach(), beta * avg_rejected.detach()
 
 
-def orpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps=None,
-              reference_rejected_logps=None, *, beta, chosen_lengths=None, rejected_lengths=None):
+def orpo_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps=None,
+    reference_rejected_logps=None,
+    *,
+    beta,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """ORPO, Hong et al. 2024 (arXiv 2403.07691), Eqs. 6-7, lambda = beta (TRL's convention):
 
         L = -log P(y_w|x) - lambda log s( log odds(y_w|x) - log odds(y_l|x) ),
@@ -341,8 +499,16 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     return losses, beta * avg_chosen.detach(), beta * avg_rejected.detach()
 
 
-def sft_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps=None,
-             reference_rejected_logps=None, *, beta, chosen_lengths=None, rejected_lengths=None):
+def sft_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps=None,
+    reference_rejected_logps=None,
+    *,
+    beta,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """SFT term: the per-token negative log-likelihood of the chosen response,
 
         L = -log pi(y_w|x) / |y_w|
@@ -357,11 +523,12 @@ def sft_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps=
 
 # --- the registry ---------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LossSpec:
     fn: Callable
-    needs_reference: bool          # reads the reference log-probs (unless reference_free=True)
-    needs_lengths: bool            # reads chosen_lengths / rejected_lengths (ipo: only if ipo_length_normalize)
+    needs_reference: bool  # reads the reference log-probs (unless reference_free=True)
+    needs_lengths: bool  # reads chosen_lengths / rejected_lengths (ipo: only if ipo_length_normalize)
     paper: str
     formula: str
 
@@ -374,37 +541,82 @@ class LossSpec:
         return set(inspect.signature(self.fn).parameters) - _COMMON
 
 
-_COMMON = {"policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
-           "beta", "chosen_lengths", "rejected_lengths"}
+_COMMON = {
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "reference_chosen_logps",
+    "reference_rejected_logps",
+    "beta",
+    "chosen_lengths",
+    "rejected_lengths",
+}
 
 LOSSES = {
-    "sigmoid": LossSpec(dpo_loss, True, False, "DPO, arXiv 2305.18290 Eq. 7 (cDPO with label_smoothing)",
-                        "-(1-eps) log s(beta h) - eps log s(-beta h)"),
-    "robust": LossSpec(robust_loss, True, False, "rDPO, arXiv 2403.00409 Sec. 3",
-                       "[(1-eps) (-log s(beta h)) - eps (-log s(-beta h))] / (1 - 2 eps)"),
+    "sigmoid": LossSpec(
+        dpo_loss,
+        True,
+        False,
+        "DPO, arXiv 2305.18290 Eq. 7 (cDPO with label_smoothing)",
+        "-(1-eps) log s(beta h) - eps log s(-beta h)",
+    ),
+    "robust": LossSpec(
+        robust_loss,
+        True,
+        False,
+        "rDPO, arXiv 2403.00409 Sec. 3",
+        "[(1-eps) (-log s(beta h)) - eps (-log s(-beta h))] / (1 - 2 eps)",
+    ),
     "ipo": LossSpec(ipo_loss, True, False, "IPO, arXiv 2310.12036 Eq. 17", "(h - 1/(2 beta))^2"),
-    "hinge": LossSpec(hinge_loss, True, False, "SLiC arXiv 2305.10425 / RSO arXiv 2309.06657",
-                      "max(0, 1 - beta h)"),
-    "nca_pair": LossSpec(nca_pair_loss, True, False, "NCA, arXiv 2402.05369",
-                         "-log s(beta a) - 1/2 log s(-beta a) - 1/2 log s(-beta b)"),
-    "exo_pair": LossSpec(exo_pair_loss, True, False, "EXO, arXiv 2402.00856 Eq. 16 (K=2)",
-                         "s(beta h)[log s(beta h) - log(1-eps)] + s(-beta h)[log s(-beta h) - log eps]"),
-    "bco_pair": LossSpec(bco_pair_loss, True, False, "BCO, arXiv 2404.04656",
-                         "-log s(beta a - delta) - log s(-(beta b - delta))"),
-    "sppo_hard": LossSpec(sppo_hard_loss, True, False, "SPPO, arXiv 2405.00675 Eq. 4.7 (hard P)",
-                          "(a - 1/(2 beta))^2 + (b + 1/(2 beta))^2"),
+    "hinge": LossSpec(hinge_loss, True, False, "SLiC arXiv 2305.10425 / RSO arXiv 2309.06657", "max(0, 1 - beta h)"),
+    "nca_pair": LossSpec(
+        nca_pair_loss, True, False, "NCA, arXiv 2402.05369", "-log s(beta a) - 1/2 log s(-beta a) - 1/2 log s(-beta b)"
+    ),
+    "exo_pair": LossSpec(
+        exo_pair_loss,
+        True,
+        False,
+        "EXO, arXiv 2402.00856 Eq. 16 (K=2)",
+        "s(beta h)[log s(beta h) - log(1-eps)] + s(-beta h)[log s(-beta h) - log eps]",
+    ),
+    "bco_pair": LossSpec(
+        bco_pair_loss, True, False, "BCO, arXiv 2404.04656", "-log s(beta a - delta) - log s(-(beta b - delta))"
+    ),
+    "sppo_hard": LossSpec(
+        sppo_hard_loss,
+        True,
+        False,
+        "SPPO, arXiv 2405.00675 Eq. 4.7 (hard P)",
+        "(a - 1/(2 beta))^2 + (b + 1/(2 beta))^2",
+    ),
     "apo_zero": LossSpec(apo_zero_loss, True, False, "APO, arXiv 2408.06266 Eq. 7", "1 - s(beta a) + s(beta b)"),
     "apo_down": LossSpec(apo_down_loss, True, False, "APO, arXiv 2408.06266 Eq. 8", "s(beta a) + 1 - s(beta h)"),
-    "aot": LossSpec(aot_loss, True, False, "AOT, arXiv 2406.05882",
-                    "-log s(beta (sort(pi margins) - sort(ref margins))) per rank"),
-    "aot_pair": LossSpec(aot_pair_loss, True, False, "AOT, arXiv 2406.05882",
-                         "-log s(beta (sort(a) - sort(b))) per rank"),
-    "discopop": LossSpec(discopop_loss, True, False, "DiscoPOP, arXiv 2406.08414 Eq. 5",
-                         "(1 - s(beta h/tau)) (-log s(beta h)) + s(beta h/tau) exp(-beta h)"),
-    "simpo": LossSpec(simpo_loss, False, True, "SimPO, arXiv 2405.14734 Eq. 6",
-                      "-log s(beta logpi(y_w)/|y_w| - beta logpi(y_l)/|y_l| - gamma)"),
-    "orpo": LossSpec(orpo_loss, False, True, "ORPO, arXiv 2403.07691 Eqs. 6-7",
-                     "-logpi(y_w)/|y_w| - beta log s(log odds(y_w) - log odds(y_l))"),
+    "aot": LossSpec(
+        aot_loss, True, False, "AOT, arXiv 2406.05882", "-log s(beta (sort(pi margins) - sort(ref margins))) per rank"
+    ),
+    "aot_pair": LossSpec(
+        aot_pair_loss, True, False, "AOT, arXiv 2406.05882", "-log s(beta (sort(a) - sort(b))) per rank"
+    ),
+    "discopop": LossSpec(
+        discopop_loss,
+        True,
+        False,
+        "DiscoPOP, arXiv 2406.08414 Eq. 5",
+        "(1 - s(beta h/tau)) (-log s(beta h)) + s(beta h/tau) exp(-beta h)",
+    ),
+    "simpo": LossSpec(
+        simpo_loss,
+        False,
+        True,
+        "SimPO, arXiv 2405.14734 Eq. 6",
+        "-log s(beta logpi(y_w)/|y_w| - beta logpi(y_l)/|y_l| - gamma)",
+    ),
+    "orpo": LossSpec(
+        orpo_loss,
+        False,
+        True,
+        "ORPO, arXiv 2403.07691 Eqs. 6-7",
+        "-logpi(y_w)/|y_w| - beta log s(log odds(y_w) - log odds(y_l))",
+    ),
     "sft": LossSpec(sft_loss, False, True, "NLL; + sigmoid = RPO, arXiv 2404.19733 Eq. 1", "-logpi(y_w)/|y_w|"),
 }
 
@@ -449,6 +661,7 @@ def requirements(loss_types, reference_free: bool = False, ipo_length_normalize:
 
 # --- unpaired data: KTO ---------------------------------------------------------------------------------
 
+
 def kto_reference_point(policy_kl_logps, reference_kl_logps):
     """KTO's reference point z0 = KL(pi || pi_ref), estimated on mismatched (prompt, completion) pairs
     (each prompt with another example's completion) as the batch mean of log pi - log pi_ref, clamped at
@@ -457,8 +670,15 @@ def kto_reference_point(policy_kl_logps, reference_kl_logps):
     return (policy_kl_logps - reference_kl_logps).mean().detach().clamp(min=0)
 
 
-def kto_loss(policy_logps, reference_logps, labels, kl_estimate, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+def kto_loss(
+    policy_logps,
+    reference_logps,
+    labels,
+    kl_estimate,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+):
     """KTO, Ethayarajh et al. 2024 (arXiv 2402.01306), Eq. 8, for unpaired (x, y, desirable?) examples.
     With r = log pi(y|x)/pi_ref(y|x) and the reference point z0 (`kto_reference_point`, a constant):
 
@@ -470,13 +690,14 @@ def kto_loss(policy_logps, reference_logps, labels, kl_estimate, beta: float,
     """
     labels = torch.as_tensor(labels, dtype=torch.bool, device=policy_logps.device)
     z0 = torch.as_tensor(kl_estimate, dtype=policy_logps.dtype, device=policy_logps.device).detach().clamp(min=0)
-    log_ratio = policy_logps - reference_logps                          # r, (B,)
+    log_ratio = policy_logps - reference_logps  # r, (B,)
     desirable = desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - z0)))
     undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - log_ratio)))
     return torch.where(labels, desirable, undesirable), beta * log_ratio.detach()
 
 
 # --- TR-DPO: a reference that follows the policy --------------------------------------------------------
+
 
 def named_weights(model) -> dict:
     """{name: tensor} of a model's parameters and floating-point buffers (what TR-DPO mixes)."""
@@ -506,4 +727,4 @@ def soft_update_reference(reference_model, policy_model, alpha: float):
         if alpha == 1.0:
             r.copy_(p)
         else:
-            r.lerp_(p, alpha)                                             # r + alpha (p - r)
+            r.lerp_(p, alpha)  # r + alpha (p - r)

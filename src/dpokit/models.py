@@ -110,8 +110,10 @@ def _load_errors():
 def _load_error(name, what: str, e: Exception) -> UserError:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "custom code" in text or "trust_remote_code" in text:
-        text = ("its config.json asks for the model's own Python code (auto_map); set trust_remote_code=true "
-                "only if you trust that code")
+        text = (
+            "its config.json asks for the model's own Python code (auto_map); set trust_remote_code=true "
+            "only if you trust that code"
+        )
     return UserError(f"{name}: cannot load {what} ({text})")
 
 
@@ -178,8 +180,13 @@ def add_lora(model, cfg):
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora_target_modules
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules="all-linear" if targets == ["all-linear"] else targets)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+    )
     try:
         return get_peft_model(model, lora)
     except ValueError as e:  # e.g. a target module name the model does not have

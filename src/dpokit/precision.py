@@ -23,9 +23,19 @@ log = logging.getLogger("dpokit")
 PRECISIONS = ["auto", "fp32", "bf16"]
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it still has native bf16 kernels
-BF16_ONEDNN_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
-                    "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
-                    "AVX10_2_512_AMX_2", "DEFAULT", "ALL")
+BF16_ONEDNN_ISAS = (
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+    "DEFAULT",
+    "ALL",
+)
 
 
 def cpu_flags() -> set:
@@ -74,8 +84,13 @@ def resolve(precision: str, device_type: str, device_index=None) -> str:
         log.info("precision auto -> %s on %s (%s)", chosen, device_type, reason)
         return chosen
     if not native:
-        log.warning("precision=bf16 on %s: %s (measured here: a bf16 matmul runs %.1fx slower than fp32); "
-                    "precision=auto would use fp32", device_type, reason, bf16_slowdown(device))
+        log.warning(
+            "precision=bf16 on %s: %s (measured here: a bf16 matmul runs %.1fx slower than fp32); "
+            "precision=auto would use fp32",
+            device_type,
+            reason,
+            bf16_slowdown(device),
+        )
     return "bf16"
 
 
@@ -85,6 +100,7 @@ def resolve_for(device: torch.device, precision: str) -> str:
 
 def bf16_slowdown(device: torch.device, n: int = 256, repeats: int = 3) -> float:
     """Time of an n x n bf16 matmul over the fp32 one on this device (best of `repeats`; ~10 ms)."""
+
     def best(dtype):
         a = torch.linspace(-1, 1, n * n, device=device).reshape(n, n).to(dtype)  # no RNG: runs stay seeded
         times = []
@@ -95,4 +111,5 @@ def bf16_slowdown(device: torch.device, n: int = 256, repeats: int = 3) -> float
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
         return min(times)
+
     return best(torch.bfloat16) / max(best(torch.float32), 1e-9)

@@ -13,8 +13,7 @@ log = logging.getLogger("dpokit")
 def setup_logging(verbose: bool = True):
     """Info on rank 0 only (under torchrun every process would repeat every line)."""
     verbose = verbose and os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:  # weight-loading and shard-writing bars would drown the training bar

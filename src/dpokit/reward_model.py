@@ -44,8 +44,9 @@ def load_reward_model(name: str, pad_token_id: int, trust_remote_code: bool = Fa
 
     src = resolve(name)  # (its own errors name the model already)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype=torch.float32,
-                                                                   trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            src, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"{name}: cannot load as a reward model ({str(e).splitlines()[0]})") from None
     model.config.pad_token_id = pad_token_id
@@ -93,7 +94,7 @@ class RewardModelFn:
         seqs = [self.tokenize(p, r) for p, r in zip(prompts, responses)]
         pad, out = self.tokenizer.pad_token_id, []
         for i in range(0, len(seqs), self.batch_size):
-            chunk = seqs[i: i + self.batch_size]
+            chunk = seqs[i : i + self.batch_size]
             input_ids = pad_right(chunk, pad).to(self.device)
             attention_mask = pad_right([[1] * len(s) for s in chunk], 0).to(self.device)
             out += sequence_rewards(self.model, input_ids, attention_mask).tolist()

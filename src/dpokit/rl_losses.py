@@ -46,15 +46,16 @@ def kl_penalised_rewards(scores, logps, ref_logps, mask, kl_coef: float):
     r_t = -kl_coef (log pi(a_t|s_t) - log pi_ref(a_t|s_t)), plus r(x, y) on the last token."""
     kl = (logps - ref_logps) * mask
     rewards = -kl_coef * kl
-    last = (mask.sum(-1).long() - 1).clamp(min=0)                                          # (N,)
-    rewards = rewards.index_put((torch.arange(len(scores), device=scores.device), last),
-                                scores.to(rewards.dtype), accumulate=True)
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (N,)
+    rewards = rewards.index_put(
+        (torch.arange(len(scores), device=scores.device), last), scores.to(rewards.dtype), accumulate=True
+    )
     return rewards, kl
 
 
 def gae(rewards, values, mask, gamma: float, lam: float):
     """Generalized advantage estimation -> (advantages (N, R), returns (N, R)), both 0 off the mask."""
-    rewards, values = rewards * mask, values * mask     # V = 0 past the last token: the episode has ended
+    rewards, values = rewards * mask, values * mask  # V = 0 past the last token: the episode has ended
     R = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])

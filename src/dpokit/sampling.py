@@ -12,8 +12,16 @@ def device_of(model) -> torch.device:
 
 
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 1.0,
-                     top_p: float = 1.0, top_k: int = 0, batch_size: int = 32) -> list:
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 32,
+) -> list:
     """Token-id prompts -> one sampled response each (token ids, cut after the first EOS, which is kept).
 
     Uses the global torch RNG (seed it for repeatable samples). The model is put in eval mode while
@@ -21,19 +29,27 @@ def sample_responses(model, tokenizer, prompts: list, max_new_tokens: int, tempe
     was_training = model.training
     model.eval()
     device, pad, eos = device_of(model), tokenizer.pad_token_id, tokenizer.eos_token_id
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} \
-        if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        if temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     out = []
     try:
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i: i + batch_size]
+            chunk = prompts[i : i + batch_size]
             T = max(len(p) for p in chunk)
-            input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in chunk], device=device)     # (b, T)
+            input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in chunk], device=device)  # (b, T)
             attention = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in chunk], device=device)
             with fp32_output_layer(model):
-                generated = model.generate(input_ids=input_ids, attention_mask=attention,
-                                           max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                                           **sampling)
+                generated = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                    **sampling,
+                )
             for row in generated[:, T:].tolist():
                 out.append(row[: row.index(eos) + 1] if eos in row else row)
     finally:

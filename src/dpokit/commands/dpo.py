@@ -27,12 +27,17 @@ class DPOConfig(TrainConfig):
     learning_rate: float = opt(1e-6, "peak learning rate (the DPO paper: 1e-6)")
     beta: float = opt(0.1, "KL strength beta: implicit reward = beta * log(pi / pi_ref)")
     label_smoothing: float = opt(0.0, "probability that a preference label is flipped (conservative DPO); 0 = DPO")
-    loss_type: typing.List[str] = opt(["sigmoid"], "preference loss, or several to add up (e.g. sigmoid,sft = "
-                                      "RPO); see docs/losses.md. `kto` takes unpaired data (prompt, "
-                                      f"completion, label; KTO, arXiv 2402.01306). {LOSS_PAPERS}", LOSS_TYPES)
+    loss_type: typing.List[str] = opt(
+        ["sigmoid"],
+        "preference loss, or several to add up (e.g. sigmoid,sft = "
+        "RPO); see docs/losses.md. `kto` takes unpaired data (prompt, "
+        f"completion, label; KTO, arXiv 2402.01306). {LOSS_PAPERS}",
+        LOSS_TYPES,
+    )
     loss_weights: typing.Optional[typing.List[float]] = opt(None, "weight of each loss in loss_type (default: all 1)")
-    reference_free: bool = opt(False, "a uniform reference (log pi_ref = 0), as in the original DPO code; "
-                               "no reference model is loaded")
+    reference_free: bool = opt(
+        False, "a uniform reference (log pi_ref = 0), as in the original DPO code; no reference model is loaded"
+    )
     ipo_length_normalize: bool = opt(False, "ipo on per-token average log-ratios (TRL) instead of the paper's sums")
     simpo_gamma: float = opt(0.5, "SimPO target reward margin gamma")
     discopop_tau: float = opt(0.05, "DiscoPOP temperature tau")
@@ -40,29 +45,38 @@ class DPOConfig(TrainConfig):
     undesirable_weight: float = opt(1.0, "KTO weight lambda_U of undesirable examples")
     ref_sync_steps: int = opt(0, "TR-DPO: every this many steps pi_ref <- alpha pi + (1 - alpha) pi_ref (0: off)")
     ref_sync_alpha: float = opt(0.6, "TR-DPO mixing weight alpha (1: copy the policy)")
-    ref_model: typing.Optional[str] = opt(None, "reference model pi_ref (default: a frozen copy of `model`; with "
-                                          "use_lora, the base model with adapters disabled)")
-    precompute_ref_log_probs: bool = opt(False, "one pass of the reference over the data before training, cached "
-                                         "on disk under a fingerprint of weights, tokenizer, data and settings and "
-                                         "reused by later runs; no reference model in memory while training")
+    ref_model: typing.Optional[str] = opt(
+        None,
+        "reference model pi_ref (default: a frozen copy of `model`; with "
+        "use_lora, the base model with adapters disabled)",
+    )
+    precompute_ref_log_probs: bool = opt(
+        False,
+        "one pass of the reference over the data before training, cached "
+        "on disk under a fingerprint of weights, tokenizer, data and settings and "
+        "reused by later runs; no reference model in memory while training",
+    )
 
     def check(self):
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise UserError(f"key 'loss_weights': {len(self.loss_weights)} weights for {len(self.loss_type)} "
-                            "loss types")
+            raise UserError(
+                f"key 'loss_weights': {len(self.loss_weights)} weights for {len(self.loss_type)} loss types"
+            )
         if "kto" in self.loss_type and len(self.loss_type) > 1:
             raise UserError("key 'loss_type': kto trains on unpaired data and cannot be combined with other losses")
         if self.loss_type == ["kto"] and self.reference_free:
             raise UserError("key 'reference_free': not supported with kto (its reference point is a KL to pi_ref)")
         if self.loss_type == ["kto"] and self.precompute_ref_log_probs:
-            raise UserError("key 'precompute_ref_log_probs': not supported with kto (its KL pairs depend on "
-                            "the batch)")
+            raise UserError("key 'precompute_ref_log_probs': not supported with kto (its KL pairs depend on the batch)")
         if self.precompute_ref_log_probs and self.ref_sync_steps:
-            raise UserError("key 'precompute_ref_log_probs': cannot be combined with ref_sync_steps (TR-DPO "
-                            "moves the reference)")
+            raise UserError(
+                "key 'precompute_ref_log_probs': cannot be combined with ref_sync_steps (TR-DPO moves the reference)"
+            )
         if self.use_lora and not self.ref_model and self.ref_sync_steps:
-            raise UserError("key 'ref_sync_steps': TR-DPO moves the reference, so with use_lora it needs a "
-                            "separate ref_model (the default reference is the adapters' own base model)")
+            raise UserError(
+                "key 'ref_sync_steps': TR-DPO moves the reference, so with use_lora it needs a "
+                "separate ref_model (the default reference is the adapters' own base model)"
+            )
 
 
 def load_split(cfg, tokenizer, source, split) -> list:
@@ -72,8 +86,9 @@ def load_split(cfg, tokenizer, source, split) -> list:
     return prep.load_pair_split(cfg, tokenizer, source, split)
 
 
-def dpo(config=None, *, model=None, ref_model=None, tokenizer=None, train_dataset=None, eval_dataset=None,
-        callbacks=()):
+def dpo(
+    config=None, *, model=None, ref_model=None, tokenizer=None, train_dataset=None, eval_dataset=None, callbacks=()
+):
     """Train a policy with DPO (or `loss_type`) and save it to `output_dir`.
 
     config: a DPOConfig, a dict of its keys, or a YAML path (the keys, defaults and checks of
@@ -83,10 +98,12 @@ def dpo(config=None, *, model=None, ref_model=None, tokenizer=None, train_datase
     objects. Returns a TrainResult (.model, .metrics, .output_dir). Bad input raises UserError before
     anything is written.
     """
-    cfg = prep.resolve_config(DPOConfig, config, model=model, ref_model=ref_model, train_dataset=train_dataset,
-                              eval_dataset=eval_dataset)
-    run = prep.prepare(cfg, load_split, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
-                       eval_dataset=eval_dataset)
+    cfg = prep.resolve_config(
+        DPOConfig, config, model=model, ref_model=ref_model, train_dataset=train_dataset, eval_dataset=eval_dataset
+    )
+    run = prep.prepare(
+        cfg, load_split, model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset
+    )
     policy, ranks, pad_id = run.model, run.ranks, run.tokenizer.pad_token_id
     unpaired = cfg.loss_type == ["kto"]
     needs_reference = unpaired or requirements(cfg.loss_type, cfg.reference_free, cfg.ipo_length_normalize)[0]
@@ -95,11 +112,13 @@ def dpo(config=None, *, model=None, ref_model=None, tokenizer=None, train_datase
         # before any adapter exists, the policy itself is pi_ref unless another model is named
         reference = prep.reference_model(cfg, policy, ref_model).to(ranks.device)
         if not cfg.ref_sync_steps and not unpaired:  # held-out reference log-probs once, not at every eval
-            refcache.attach_reference_logps(reference, run.eval_examples, cfg, pad_id, ranks.device,
-                                            use_disk_cache=False)
+            refcache.attach_reference_logps(
+                reference, run.eval_examples, cfg, pad_id, ranks.device, use_disk_cache=False
+            )
         if cfg.precompute_ref_log_probs:
-            refcache.attach_reference_logps(reference, run.train_examples, cfg, pad_id, ranks.device,
-                                            use_disk_cache=True)
+            refcache.attach_reference_logps(
+                reference, run.train_examples, cfg, pad_id, ranks.device, use_disk_cache=True
+            )
             reference = None  # nothing of the reference stays in memory while training
         elif cfg.use_lora and not cfg.ref_model and ref_model is None:
             reference, lora_reference = None, True  # no second copy: the base with adapters disabled

@@ -52,15 +52,19 @@ class EvalConfig:
     max_prompt_length: typing.Optional[int] = opt(512, "as in training")
     truncation_mode: str = opt("keep_end", "as in training", ["keep_end", "keep_start"])
     per_device_eval_batch_size: int = opt(16, "examples per batch")
-    reward: typing.Optional[str] = opt("vader", "ground-truth reward function for samples: a built-in name "
-                                       "('vader') or 'module:function'; empty to skip sampling")
+    reward: typing.Optional[str] = opt(
+        "vader",
+        "ground-truth reward function for samples: a built-in name "
+        "('vader') or 'module:function'; empty to skip sampling",
+    )
     num_samples: int = opt(64, "held-out prompts to sample one response each for")
     max_new_tokens: int = opt(48, "maximum tokens per sampled response")
     temperature: float = opt(0.7, "sampling temperature")
     top_p: float = opt(1.0, "nucleus sampling threshold")
     output_file: typing.Optional[str] = opt(None, "write the results as JSON here (default: <model>/eval.json)")
-    precision: str = opt("auto", "auto (bf16 where the device does it natively, else fp32), fp32, or bf16 "
-                         "autocast", PRECISIONS)
+    precision: str = opt(
+        "auto", "auto (bf16 where the device does it natively, else fp32), fp32, or bf16 autocast", PRECISIONS
+    )
     seed: int = opt(0, "seed for sampling")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
 
@@ -77,11 +81,11 @@ def pair_logps(model, examples, pad_id, batch_size, precision="fp32"):
     """Sequence log-probs of every pair -> (chosen (N,), rejected (N,))."""
     chosen, rejected = [], []
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
+        chunk = examples[i : i + batch_size]
         with autocast(model.device, precision):
             logps = sequence_logps(model, to_device(collate_padded(chunk, pad_id), model.device))[0].float().cpu()
         chosen.append(logps[: len(chunk)])
-        rejected.append(logps[len(chunk):])
+        rejected.append(logps[len(chunk) :])
     return torch.cat(chosen), torch.cat(rejected)
 
 
@@ -101,14 +105,17 @@ def sample(model, tokenizer, prompts: list, max_new_tokens, temperature, top_p, 
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids], ids
 
 
-KL_ESTIMATOR = ("KL(pi || pi_ref) of the untempered models over responses of at most max_new_tokens tokens: "
-                "the mean of log pi(y|x) - log pi_ref(y|x) over one sample y ~ pi per prompt, drawn at "
-                "temperature 1, top_p 1, top-k off (not the reward's samples), drawn and scored in fp32")
+KL_ESTIMATOR = (
+    "KL(pi || pi_ref) of the untempered models over responses of at most max_new_tokens tokens: "
+    "the mean of log pi(y|x) - log pi_ref(y|x) over one sample y ~ pi per prompt, drawn at "
+    "temperature 1, top_p 1, top-k off (not the reward's samples), drawn and scored in fp32"
+)
 
 
 @torch.no_grad()
-def kl_samples(policy, reference, tokenizer, prompts: list, max_new_tokens: int, seed: int,
-               batch_size: int = 32) -> list:
+def kl_samples(
+    policy, reference, tokenizer, prompts: list, max_new_tokens: int, seed: int, batch_size: int = 32
+) -> list:
     """Per-sample log pi(y|x) - log pi_ref(y|x), y ~ pi(.|x) at temperature 1 with top_p 1 and top-k off,
     one per prompt: their mean is an unbiased estimate of KL(pi || pi_ref) between the untempered
     models' distributions over responses of at most max_new_tokens tokens (a response cut there stands
@@ -116,8 +123,9 @@ def kl_samples(policy, reference, tokenizer, prompts: list, max_new_tokens: int,
     for the sampling and the scoring alike: both see the same fp32 distribution."""
     with torch.autocast(device_of(policy).type, enabled=False):
         set_seed(seed)
-        ids = sample_responses(policy, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                               batch_size=batch_size)
+        ids = sample_responses(
+            policy, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=batch_size
+        )
         return sampled_kl(policy, reference, prompts, ids, tokenizer.pad_token_id)
 
 
@@ -128,7 +136,7 @@ def sampled_kl(policy, reference, prompts, responses, pad_id, batch_size=16):
     pairs = [TokenizedPair(p, r, r) for p, r in zip(prompts, responses) if r]
     out = []
     for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i: i + batch_size]
+        chunk = pairs[i : i + batch_size]
         batch = to_device(collate_padded(chunk, pad_id), policy.device)
         lp = sequence_logps(policy, batch)[0][: len(chunk)]
         lr = sequence_logps(reference, batch)[0][: len(chunk)]
@@ -140,13 +148,19 @@ def evaluate(config=None, *, model=None, ref_model=None, tokenizer=None, dataset
     """`dpokit eval`: config is an EvalConfig, a dict of its keys or a YAML path; model / ref_model /
     tokenizer / dataset (a `datasets` object, a list of rows or a path) may be given in place of their
     keys. Returns the results (also written as JSON and printed as a table)."""
-    cfg = resolve_config(EvalConfig, config, model=in_memory_name(model), ref_model=in_memory_name(ref_model),
-                         dataset=in_memory_name(dataset, "dataset"))
+    cfg = resolve_config(
+        EvalConfig,
+        config,
+        model=in_memory_name(model),
+        ref_model=in_memory_name(ref_model),
+        dataset=in_memory_name(dataset, "dataset"),
+    )
     tokenizer = tokenizer or models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     source = cfg.dataset if dataset is None else named(dataset, "dataset")
     rows, label, _ = load_pairs(source, cfg.dataset_test_split)
-    examples, stats = tokenize_dataset(tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length,
-                                       cfg.truncation_mode)
+    examples, stats = tokenize_dataset(
+        tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode
+    )
     examples = examples[: cfg.max_eval_examples] if cfg.max_eval_examples else examples
     log.info("%s: %s", label, stats.summary())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,9 +171,13 @@ def evaluate(config=None, *, model=None, ref_model=None, tokenizer=None, dataset
     bs = cfg.per_device_eval_batch_size
     ref_logps = pair_logps(reference, examples, pad, bs, cfg.precision)
     pol_logps = pair_logps(policy, examples, pad, bs, cfg.precision)
-    results = {"dataset": label, "pairs": len(examples), "beta": cfg.beta,
-               "reference": {"model": cfg.ref_model, **implicit_reward_metrics(cfg.beta, ref_logps, ref_logps)},
-               "policy": {"model": cfg.model, **implicit_reward_metrics(cfg.beta, pol_logps, ref_logps)}}
+    results = {
+        "dataset": label,
+        "pairs": len(examples),
+        "beta": cfg.beta,
+        "reference": {"model": cfg.ref_model, **implicit_reward_metrics(cfg.beta, ref_logps, ref_logps)},
+        "policy": {"model": cfg.model, **implicit_reward_metrics(cfg.beta, pol_logps, ref_logps)},
+    }
     if cfg.reward:
         reward_fn = get_reward_fn(cfg.reward)
         # the rows' own prompts (strings or messages), as a reward model expects them, one per distinct prompt
@@ -170,20 +188,27 @@ def evaluate(config=None, *, model=None, ref_model=None, tokenizer=None, dataset
         sampled_rewards = {}
         for name, model in (("reference", reference), ("policy", policy)):
             with autocast(device, cfg.precision):
-                texts, _ = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                  cfg.seed)
+                texts, _ = sample(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
             rewards = sampled_rewards[name] = reward_fn(prompt_texts, texts)
             m, se = mean_se(rewards)
-            results[name].update({"reward": m, "reward_se": se,
-                                  "samples": [{"prompt": p, "response": t, "reward": r}
-                                              for p, t, r in list(zip(prompt_texts, texts, rewards))[:8]]})
+            results[name].update(
+                {
+                    "reward": m,
+                    "reward_se": se,
+                    "samples": [
+                        {"prompt": p, "response": t, "reward": r}
+                        for p, t, r in list(zip(prompt_texts, texts, rewards))[:8]
+                    ],
+                }
+            )
         # the reference's KL to itself is 0 exactly; the policy's on its own samples at temperature 1
         kl, kl_se = mean_se(kl_samples(policy, reference, tokenizer, prompts, cfg.max_new_tokens, cfg.seed))
         results["reference"].update(kl=0.0, kl_se=0.0)
         results["policy"].update(kl=kl, kl_se=kl_se)
         results["kl_estimator"] = KL_ESTIMATOR
-        results["policy"]["win_rate"], results["policy"]["win_rate_se"] = win_rate(sampled_rewards["policy"],
-                                                                                 sampled_rewards["reference"])
+        results["policy"]["win_rate"], results["policy"]["win_rate_se"] = win_rate(
+            sampled_rewards["policy"], sampled_rewards["reference"]
+        )
         results["reward_fn"] = cfg.reward
         results["num_samples"] = len(prompts)
         results["temperature"], results["top_p"] = cfg.temperature, cfg.top_p
@@ -196,13 +221,18 @@ def evaluate(config=None, *, model=None, ref_model=None, tokenizer=None, dataset
 
 
 def table(results) -> str:
-    cols = [("implicit_reward_accuracy", "implicit-reward acc", "{:.3f}"),
-            ("implicit_reward_margin", "margin", "{:+.3f}")]
+    cols = [
+        ("implicit_reward_accuracy", "implicit-reward acc", "{:.3f}"),
+        ("implicit_reward_margin", "margin", "{:+.3f}"),
+    ]
     if "reward_fn" in results:
         cols += [("reward", f"{results['reward_fn']} reward", "{:+.3f}"), ("kl", "KL(pi||ref)", "{:.2f}")]
     head = f"{'':<10}" + "".join(f"{c[1]:>22}" for c in cols)
-    lines = [f"held-out: {results['dataset']}, {results['pairs']} pairs"
-             + (f", {results['num_samples']} sampled prompts" if "num_samples" in results else ""), head]
+    lines = [
+        f"held-out: {results['dataset']}, {results['pairs']} pairs"
+        + (f", {results['num_samples']} sampled prompts" if "num_samples" in results else ""),
+        head,
+    ]
     for name in ("reference", "policy"):
         r = results[name]
         cells = []
@@ -213,9 +243,11 @@ def table(results) -> str:
             cells.append(f"{v:>22}")
         lines.append(f"{name:<10}" + "".join(cells))
     if "reward_fn" in results:
-        lines.append(f"(reward: samples at temperature {results.get('temperature', '?')}, top_p "
-                     f"{results.get('top_p', '?')}; KL: the untempered models' KL(pi||ref), on separate "
-                     f"samples at temperature 1)")
+        lines.append(
+            f"(reward: samples at temperature {results.get('temperature', '?')}, top_p "
+            f"{results.get('top_p', '?')}; KL: the untempered models' KL(pi||ref), on separate "
+            f"samples at temperature 1)"
+        )
     return "\n".join(lines)
 
 

@@ -38,8 +38,11 @@ from dpokit.report import log
 class FrontierConfig:
     """Reward-versus-KL scatter (one colour per method) of `dpokit eval` results, with a table."""
 
-    inputs: typing.Optional[typing.List[str]] = opt(None, "eval JSON files, glob patterns (quote them: `runs/*/checkpoint-*/eval.json`), "
-                                   "or directories searched recursively for files matching `pattern`")
+    inputs: typing.Optional[typing.List[str]] = opt(
+        None,
+        "eval JSON files, glob patterns (quote them: `runs/*/checkpoint-*/eval.json`), "
+        "or directories searched recursively for files matching `pattern`",
+    )
     pattern: str = opt("eval*.json", "file-name pattern of eval results when searching a directory")
     output_dir: str = opt("runs/frontier", "where frontier.png, frontier.md and frontier.json are written")
     title: str = opt("reward vs KL frontier", "title of the plot")
@@ -47,10 +50,10 @@ class FrontierConfig:
 
 @dataclass
 class Point:
-    method: str                   # dpo, ppo, rloo, ipo, sft, reference, ...
-    setting: str                  # "beta=0.1", "kl_coef=0.05", "" for the reference
+    method: str  # dpo, ppo, rloo, ipo, sft, reference, ...
+    setting: str  # "beta=0.1", "kl_coef=0.05", "" for the reference
     step: int
-    run: str                      # the run's output directory (points of one run share it)
+    run: str  # the run's output directory (points of one run share it)
     kl: float
     kl_se: float
     reward: float
@@ -59,10 +62,11 @@ class Point:
     win_rate_se: typing.Optional[float]
     implicit_reward_accuracy: typing.Optional[float]
     file: str
-    on_front: bool = False        # on its method's Pareto front: no point of the method has lower KL and more reward
+    on_front: bool = False  # on its method's Pareto front: no point of the method has lower KL and more reward
 
 
 # --- finding and reading the eval results ---------------------------------------------------------------------
+
 
 def find_files(inputs, pattern: str) -> list:
     """Files, glob patterns and directories (searched recursively) -> sorted unique paths."""
@@ -102,8 +106,9 @@ def read_eval(path: Path) -> dict:
             raise UserError(f"{path}: field '{side}' missing: not a `dpokit eval` result")
         for key in ("reward", "kl"):
             if key not in entry:
-                raise UserError(f"{path}: field '{side}.{key}' missing (run `dpokit eval` with a reward, "
-                                "e.g. reward=vader)")
+                raise UserError(
+                    f"{path}: field '{side}.{key}' missing (run `dpokit eval` with a reward, e.g. reward=vader)"
+                )
             if not _is_number(entry[key]):
                 raise UserError(f"{path}: field '{side}.{key}': expected a number, got {entry[key]!r}")
         for key in ("reward_se", "kl_se"):
@@ -117,6 +122,7 @@ def _is_number(v) -> bool:
 
 
 # --- what made each policy --------------------------------------------------------------------------------------
+
 
 def run_of(path: Path, data: dict) -> tuple[dict, int, Path] | None:
     """(resolved config, step, run directory) of the policy an eval JSON is about, or None if the policy is
@@ -147,8 +153,11 @@ def run_of(path: Path, data: dict) -> tuple[dict, int, Path] | None:
 
 def final_step(run_dir: Path) -> int:
     """The step a run's final model was saved at: its newest checkpoint, else the last step it logged."""
-    steps = [int(p.name[len("checkpoint-"):]) for p in run_dir.glob("checkpoint-*")
-             if p.name[len("checkpoint-"):].isdigit() and (p / "trainer_state.json").is_file()]
+    steps = [
+        int(p.name[len("checkpoint-") :])
+        for p in run_dir.glob("checkpoint-*")
+        if p.name[len("checkpoint-") :].isdigit() and (p / "trainer_state.json").is_file()
+    ]
     if steps:
         return max(steps)
     metrics = run_dir / "metrics.jsonl"
@@ -165,14 +174,14 @@ def final_step(run_dir: Path) -> int:
 
 def method_of(cfg: dict, where) -> tuple[str, str]:
     """(method, setting) from a run's resolved config."""
-    if "algorithm" in cfg and "kl_coef" in cfg:          # dpokit rl
+    if "algorithm" in cfg and "kl_coef" in cfg:  # dpokit rl
         setting = f"kl_coef={_num(cfg['kl_coef'])}" + (" (adaptive)" if cfg.get("adaptive_kl") else "")
         return str(cfg["algorithm"]), setting
-    if "loss_type" in cfg and "beta" in cfg:             # dpokit dpo and its loss family
+    if "loss_type" in cfg and "beta" in cfg:  # dpokit dpo and its loss family
         losses = cfg["loss_type"] if isinstance(cfg["loss_type"], list) else [cfg["loss_type"]]
         method = "dpo" if losses == ["sigmoid"] else "+".join(map(str, losses))
         return method, f"beta={_num(cfg['beta'])}"
-    if "loss_normalization" in cfg:                      # dpokit sft (the paper's preferred-FT baseline)
+    if "loss_normalization" in cfg:  # dpokit sft (the paper's preferred-FT baseline)
         return "sft", f"lr={_num(cfg.get('learning_rate'))}"
     raise UserError(f"{where}: the run's config is neither `dpokit dpo`, `rl` nor `sft` (no beta / kl_coef)")
 
@@ -195,13 +204,28 @@ def collect(files) -> tuple[list, list, dict]:
         if found is None:
             if pol.get("model") is not None and pol.get("model") == ref.get("model"):
                 continue  # the reference evaluated against itself: its point comes from `reference`
-            raise UserError(f"{path}: cannot tell which run made policy '{pol.get('model')}' (no "
-                            "trainer_state.json or config.yaml beside the file or in the model directory)")
+            raise UserError(
+                f"{path}: cannot tell which run made policy '{pol.get('model')}' (no "
+                "trainer_state.json or config.yaml beside the file or in the model directory)"
+            )
         cfg, step, run_dir = found
         method, setting = method_of(cfg, path)
-        points.append(Point(method, setting, step, str(run_dir.resolve()), float(pol["kl"]), float(pol.get("kl_se", 0.0)),
-                            float(pol["reward"]), float(pol.get("reward_se", 0.0)), _opt(pol.get("win_rate")),
-                            _opt(pol.get("win_rate_se")), _opt(pol.get("implicit_reward_accuracy")), str(path)))
+        points.append(
+            Point(
+                method,
+                setting,
+                step,
+                str(run_dir.resolve()),
+                float(pol["kl"]),
+                float(pol.get("kl_se", 0.0)),
+                float(pol["reward"]),
+                float(pol.get("reward_se", 0.0)),
+                _opt(pol.get("win_rate")),
+                _opt(pol.get("win_rate_se")),
+                _opt(pol.get("implicit_reward_accuracy")),
+                str(path),
+            )
+        )
     return dedupe(points), list(references.values()), rewards
 
 
@@ -210,9 +234,20 @@ def _opt(v):
 
 
 def reference_point(ref: dict, path) -> Point:
-    return Point("reference", str(ref.get("model", "")), 0, "", float(ref["kl"]), float(ref.get("kl_se", 0.0)),
-                 float(ref["reward"]), float(ref.get("reward_se", 0.0)), None, None,
-                 _opt(ref.get("implicit_reward_accuracy")), str(path))
+    return Point(
+        "reference",
+        str(ref.get("model", "")),
+        0,
+        "",
+        float(ref["kl"]),
+        float(ref.get("kl_se", 0.0)),
+        float(ref["reward"]),
+        float(ref.get("reward_se", 0.0)),
+        None,
+        None,
+        _opt(ref.get("implicit_reward_accuracy")),
+        str(path),
+    )
 
 
 def dedupe(points) -> list:
@@ -232,9 +267,12 @@ def mark_fronts(points):
     """A point is on its method's front when no other point of the method has KL <= and reward >, or KL <
     and reward >= (the upper-left envelope the paper compares)."""
     for p in points:
-        p.on_front = not any(q is not p and q.method == p.method and
-                             ((q.kl <= p.kl and q.reward > p.reward) or (q.kl < p.kl and q.reward >= p.reward))
-                             for q in points)
+        p.on_front = not any(
+            q is not p
+            and q.method == p.method
+            and ((q.kl <= p.kl and q.reward > p.reward) or (q.kl < p.kl and q.reward >= p.reward))
+            for q in points
+        )
 
 
 # --- outputs ------------------------------------------------------------------------------------------------
@@ -280,15 +318,40 @@ def plot(points, references, out_png, title, reward_name):
         method = pts[0].method
         n = sum(1 for m in marker_of.values() if m[0] == method)
         marker_of[run] = (method, MARKERS[n % len(MARKERS)])
-        ax.errorbar([p.kl for p in pts], [p.reward for p in pts], xerr=[p.kl_se for p in pts],
-                    yerr=[p.reward_se for p in pts], color=colour[method], marker=marker_of[run][1], ms=5,
-                    lw=1.2, elinewidth=0.7, capsize=2, alpha=0.9)
+        ax.errorbar(
+            [p.kl for p in pts],
+            [p.reward for p in pts],
+            xerr=[p.kl_se for p in pts],
+            yerr=[p.reward_se for p in pts],
+            color=colour[method],
+            marker=marker_of[run][1],
+            ms=5,
+            lw=1.2,
+            elinewidth=0.7,
+            capsize=2,
+            alpha=0.9,
+        )
         last = pts[-1]
-        ax.annotate(last.setting, (last.kl, last.reward), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7, color=colour[method])
+        ax.annotate(
+            last.setting,
+            (last.kl, last.reward),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=7,
+            color=colour[method],
+        )
     for r in references:
-        ax.errorbar([r.kl], [r.reward], xerr=[r.kl_se], yerr=[r.reward_se], color=colour["reference"], marker="*",
-                    ms=11, capsize=2, ls="none")
+        ax.errorbar(
+            [r.kl],
+            [r.reward],
+            xerr=[r.kl_se],
+            yerr=[r.reward_se],
+            color=colour["reference"],
+            marker="*",
+            ms=11,
+            capsize=2,
+            ls="none",
+        )
     handles = [plt.Line2D([], [], color=colour[m], marker="o", lw=1.2, label=m) for m in methods]
     if references:
         handles.insert(0, plt.Line2D([], [], color="black", marker="*", ms=10, ls="none", label="reference (pi_ref)"))
@@ -297,8 +360,13 @@ def plot(points, references, out_png, title, reward_name):
     ax.set_ylabel(f"mean reward of samples ({reward_name})")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    fig.text(0.01, 0.01, "lines: checkpoints of one run in step order, labelled at the last; bars: ±1 s.e.",
-             fontsize=7, color="gray")
+    fig.text(
+        0.01,
+        0.01,
+        "lines: checkpoints of one run in step order, labelled at the last; bars: ±1 s.e.",
+        fontsize=7,
+        color="gray",
+    )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
@@ -309,17 +377,22 @@ def _pm(v, se, f="{:+.3f}") -> str:
 
 
 def table(points, references) -> str:
-    lines = ["| method | setting | step | KL(pi‖pi_ref) | reward | win rate vs pi_ref | implicit-reward acc | front |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    lines = [
+        "| method | setting | step | KL(pi‖pi_ref) | reward | win rate vs pi_ref | implicit-reward acc | front |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
     for r in references:
-        lines.append(f"| reference | {r.setting} | 0 | {_pm(r.kl, r.kl_se, '{:.2f}')} | {_pm(r.reward, r.reward_se)} "
-                     f"| | | |")
+        lines.append(
+            f"| reference | {r.setting} | 0 | {_pm(r.kl, r.kl_se, '{:.2f}')} | {_pm(r.reward, r.reward_se)} | | | |"
+        )
     for pts in by_run(points).values():
         for p in pts:
             acc = "" if p.implicit_reward_accuracy is None else f"{p.implicit_reward_accuracy:.3f}"
-            lines.append(f"| {p.method} | {p.setting} | {p.step} | {_pm(p.kl, p.kl_se, '{:.2f}')} "
-                         f"| {_pm(p.reward, p.reward_se)} | {_pm(p.win_rate, p.win_rate_se, '{:.3f}')} | {acc} "
-                         f"| {'*' if p.on_front else ''} |")
+            lines.append(
+                f"| {p.method} | {p.setting} | {p.step} | {_pm(p.kl, p.kl_se, '{:.2f}')} "
+                f"| {_pm(p.reward, p.reward_se)} | {_pm(p.win_rate, p.win_rate_se, '{:.3f}')} | {acc} "
+                f"| {'*' if p.on_front else ''} |"
+            )
     return "\n".join(lines)
 
 
@@ -330,15 +403,19 @@ def frontier(config=None) -> dict:
     files = find_files(cfg.inputs, cfg.pattern)
     points, references, rewards = collect(files)
     if not points:
-        raise UserError(f"{', '.join(cfg.inputs)}: no trained policies among {len(files)} eval result(s) "
-                        "(only the reference evaluated against itself)")
+        raise UserError(
+            f"{', '.join(cfg.inputs)}: no trained policies among {len(files)} eval result(s) "
+            "(only the reference evaluated against itself)"
+        )
     if len(rewards) > 1:
         (a, fa), (b, fb) = list(rewards.items())[:2]
         raise UserError(f"{fb}: scored with reward '{b}' but {fa} with '{a}': their points cannot share one plot")
     reward_names = list(rewards)
     if len({r.setting for r in references}) < len(references):
-        log.warning("warning: the evals sampled the same reference differently (different seeds, sample counts "
-                    "or settings?): their points may not be comparable")
+        log.warning(
+            "warning: the evals sampled the same reference differently (different seeds, sample counts "
+            "or settings?): their points may not be comparable"
+        )
     mark_fronts(points)
     out = Path(cfg.output_dir)
     try:
@@ -347,12 +424,20 @@ def frontier(config=None) -> dict:
         raise UserError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
     plot(points, references, out / "frontier.png", cfg.title, reward_names[0])
     md = table(points, references)
-    (out / "frontier.md").write_text(f"{md}\n\n`front`: on its method's reward/KL Pareto front (no point of "
-                                     "the same method has lower KL and higher reward).\n", encoding="utf-8")
-    result = {"reward_fn": reward_names[0], "references": [asdict(r) for r in references],
-              "points": [asdict(p) for pts in by_run(points).values() for p in pts]}
+    (out / "frontier.md").write_text(
+        f"{md}\n\n`front`: on its method's reward/KL Pareto front (no point of "
+        "the same method has lower KL and higher reward).\n",
+        encoding="utf-8",
+    )
+    result = {
+        "reward_fn": reward_names[0],
+        "references": [asdict(r) for r in references],
+        "points": [asdict(p) for pts in by_run(points).values() for p in pts],
+    }
     (out / "frontier.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(md)
-    print(f"{len(points)} points from {len(files)} eval results; wrote {out / 'frontier.png'}, "
-          f"{out / 'frontier.md'}, {out / 'frontier.json'}")
+    print(
+        f"{len(points)} points from {len(files)} eval results; wrote {out / 'frontier.png'}, "
+        f"{out / 'frontier.md'}, {out / 'frontier.json'}"
+    )
     return result

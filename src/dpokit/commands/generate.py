@@ -34,10 +34,14 @@ from dpokit.sampling import device_of, sample_responses
 class GenerateConfig:
     """Sample responses to prompts, written as JSON lines {prompt, responses, finished}."""
 
-    model: str = opt("default", "the model to sample from: a HF model directory, a hub name, a .gguf file, or "
-                     "'default'")
-    dataset: str = opt(None, "prompts: rows with `prompt` (a string or messages), `messages` conversations, or "
-                       "preference rows (their prompts)")
+    model: str = opt(
+        "default", "the model to sample from: a HF model directory, a hub name, a .gguf file, or 'default'"
+    )
+    dataset: str = opt(
+        None,
+        "prompts: rows with `prompt` (a string or messages), `messages` conversations, or "
+        "preference rows (their prompts)",
+    )
     dataset_split: str = opt("train", "split of `dataset` (for `datasets` names and directories)")
     max_prompts: typing.Optional[int] = opt(None, "use only the first N distinct prompts")
     output_file: str = opt("samples.jsonl", "the JSONL file to write")
@@ -49,8 +53,9 @@ class GenerateConfig:
     batch_size: int = opt(32, "sequences per generate call")
     max_prompt_length: typing.Optional[int] = opt(512, "longer prompts are cut per truncation_mode")
     truncation_mode: str = opt("keep_end", "which part of a too-long prompt to keep", ["keep_end", "keep_start"])
-    precision: str = opt("auto", "auto (bf16 where the device does it natively, else fp32), fp32, or bf16 "
-                         "autocast", PRECISIONS)
+    precision: str = opt(
+        "auto", "auto (bf16 where the device does it natively, else fp32), fp32, or bf16 autocast", PRECISIONS
+    )
     seed: int = opt(0, "seed for sampling: the same seed gives the same samples")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
 
@@ -77,8 +82,10 @@ def generate(config=None, *, model=None, tokenizer=None) -> list:
     tokenizer = tokenizer or models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     prompts, label = load_prompts(cfg.dataset, cfg.dataset_split)
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
-    ids = [truncate_prompt(tokenize_prompt(tokenizer, p, label, row), cfg.max_prompt_length, cfg.truncation_mode)
-           for row, p in prompts]
+    ids = [
+        truncate_prompt(tokenize_prompt(tokenizer, p, label, row), cfg.max_prompt_length, cfg.truncation_mode)
+        for row, p in prompts
+    ]
     if model is None:
         model = models.load_model(cfg.model, cfg.trust_remote_code)
         if torch.cuda.is_available():
@@ -87,14 +94,26 @@ def generate(config=None, *, model=None, tokenizer=None) -> list:
     log.info("%s: sampling %d responses for each of %d prompts", label, k, len(prompts))
     set_seed(cfg.seed)
     with autocast(device_of(model), cfg.precision):
-        responses = sample_responses(model, tokenizer, [p for p in ids for _ in range(k)], cfg.max_new_tokens,
-                                     cfg.temperature, cfg.top_p, cfg.top_k, cfg.batch_size)
+        responses = sample_responses(
+            model,
+            tokenizer,
+            [p for p in ids for _ in range(k)],
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            cfg.top_k,
+            cfg.batch_size,
+        )
     eos, rows = tokenizer.eos_token_id, []
     for i, (_, prompt) in enumerate(prompts):
-        mine = responses[i * k: (i + 1) * k]
-        rows.append({"prompt": prompt,
-                     "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in mine],
-                     "finished": [bool(r) and r[-1] == eos for r in mine]})
+        mine = responses[i * k : (i + 1) * k]
+        rows.append(
+            {
+                "prompt": prompt,
+                "responses": [tokenizer.decode(r, skip_special_tokens=True) for r in mine],
+                "finished": [bool(r) and r[-1] == eos for r in mine],
+            }
+        )
     write_jsonl_atomic(out, rows)
     log.info("wrote %d prompts x %d responses to %s", len(rows), k, out)
     return rows

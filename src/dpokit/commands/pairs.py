@@ -30,8 +30,10 @@ from dpokit.errors import UserError, where
 class PairsConfig:
     """Label sampled responses with a reward into preference pairs that `dpokit dpo` trains on."""
 
-    samples: str = opt(None, "sampled responses: the JSONL of `dpokit generate` (prompt, responses[, finished]) "
-                       "or rows of prompt, response")
+    samples: str = opt(
+        None,
+        "sampled responses: the JSONL of `dpokit generate` (prompt, responses[, finished]) or rows of prompt, response",
+    )
     reward: str = opt(None, "the reward: rm:PATH (a `dpokit rm` model), vader, or module:function")
     pairing: str = opt("all_pairs", "which pairs of a prompt's responses to keep", ["all_pairs", "best_vs_worst"])
     min_margin: float = opt(0.0, "drop pairs whose rewards differ by this much or less (0: only exact ties)")
@@ -48,8 +50,9 @@ class PairsConfig:
         if self.min_margin < 0:
             raise UserError(f"key 'min_margin': must be non-negative, got {self.min_margin}")
         if self.output.endswith(".jsonl") and self.test_fraction > 0:
-            raise UserError("key 'test_fraction': needs `output` to be a directory (it receives train.jsonl "
-                            "and test.jsonl)")
+            raise UserError(
+                "key 'test_fraction': needs `output` to be a directory (it receives train.jsonl and test.jsonl)"
+            )
 
 
 def read_samples(path: str) -> tuple[list, int]:
@@ -74,8 +77,7 @@ def read_samples(path: str) -> tuple[list, int]:
         finished = obj.get("finished", [True] * len(responses))
         finished = finished if isinstance(finished, list) else [finished]
         if len(finished) != len(responses):
-            raise UserError(f"{where(label, row, 'finished')}: {len(finished)} values for "
-                            f"{len(responses)} responses")
+            raise UserError(f"{where(label, row, 'finished')}: {len(finished)} values for {len(responses)} responses")
         for r in responses:
             if not isinstance(r, str):
                 raise UserError(f"{where(label, row, 'responses')}: expected strings, got {type(r).__name__}")
@@ -95,8 +97,11 @@ def make_pairs(responses: list, rewards: list, pairing: str, min_margin: float) 
         lo = min(range(len(rewards)), key=lambda i: rewards[i])
         candidates = [(hi, lo)]
     else:
-        candidates = [(i, j) if rewards[i] >= rewards[j] else (j, i)
-                      for i in range(len(responses)) for j in range(i + 1, len(responses))]
+        candidates = [
+            (i, j) if rewards[i] >= rewards[j] else (j, i)
+            for i in range(len(responses))
+            for j in range(i + 1, len(responses))
+        ]
     out, ties = [], 0
     for w, l in candidates:
         if rewards[w] - rewards[l] > min_margin:
@@ -139,18 +144,34 @@ def pairs(config=None) -> dict:
 
     rows, ties, i = [], 0, 0
     for prompt, responses in kept:
-        rewards, i = scores[i: i + len(responses)], i + len(responses)
+        rewards, i = scores[i : i + len(responses)], i + len(responses)
         pairs, t = make_pairs(responses, rewards, cfg.pairing, cfg.min_margin)
         ties += t
-        rows.append([{"prompt": prompt, "chosen": response_message(prompt, c), "rejected": response_message(prompt, r),
-                      "score_chosen": rc, "score_rejected": rr} for c, r, rc, rr in pairs])
+        rows.append(
+            [
+                {
+                    "prompt": prompt,
+                    "chosen": response_message(prompt, c),
+                    "rejected": response_message(prompt, r),
+                    "score_chosen": rc,
+                    "score_rejected": rr,
+                }
+                for c, r, rc, rr in pairs
+            ]
+        )
     n_pairs = sum(len(r) for r in rows)
     if n_pairs == 0:
         raise UserError(f"{cfg.samples}: no preference pairs (every prompt's responses tie or fewer than 2 are left)")
-    stats = {"prompts": len(groups), "responses": n_read, "pairs": n_pairs, "ties_dropped": ties,
-             "unfinished_dropped": dropped_unfinished, "duplicates_dropped": duplicates,
-             "mean_reward": sum(scores) / len(scores),
-             "mean_margin": sum(r["score_chosen"] - r["score_rejected"] for g in rows for r in g) / n_pairs}
+    stats = {
+        "prompts": len(groups),
+        "responses": n_read,
+        "pairs": n_pairs,
+        "ties_dropped": ties,
+        "unfinished_dropped": dropped_unfinished,
+        "duplicates_dropped": duplicates,
+        "mean_reward": sum(scores) / len(scores),
+        "mean_margin": sum(r["score_chosen"] - r["score_rejected"] for g in rows for r in g) / n_pairs,
+    }
     if single_file:
         write_jsonl_atomic(out, [r for g in rows for r in g])
         written = [out]

@@ -21,9 +21,14 @@ from dpokit.train.runtime import Ranks, set_seed, setup_distributed
 def resolve_config(cls, config, *, model=None, ref_model=None, train_dataset=None, eval_dataset=None):
     """config.resolve_config, with the objects given in place of the path keys recorded in those keys
     (a model's name_or_path, "train_dataset (in memory)"), so config.yaml says what was trained."""
-    return resolve(cls, config, model=in_memory_name(model), ref_model=in_memory_name(ref_model),
-                   dataset=in_memory_name(train_dataset, "train_dataset"),
-                   eval_dataset=in_memory_name(eval_dataset, "eval_dataset"))
+    return resolve(
+        cls,
+        config,
+        model=in_memory_name(model),
+        ref_model=in_memory_name(ref_model),
+        dataset=in_memory_name(train_dataset, "train_dataset"),
+        eval_dataset=in_memory_name(eval_dataset, "eval_dataset"),
+    )
 
 
 @dataclass
@@ -58,8 +63,9 @@ def train_and_eval(cfg, load, train_dataset=None, eval_dataset=None) -> tuple[li
 def load_pair_split(cfg, tokenizer, source, split) -> list:
     """Tokenized preference pairs of one split of a source (dpo, rm and eval read pairs alike)."""
     rows, label, fmt = load_pairs(source, split)
-    examples, stats = tokenize_dataset(tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length,
-                                       cfg.truncation_mode)
+    examples, stats = tokenize_dataset(
+        tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode
+    )
     log.info("%s (%s): %s", label, fmt, stats.summary())
     return examples
 
@@ -71,8 +77,9 @@ def refuse(cfg, command: str, keys):
             raise UserError(f"key '{key}': not supported by `dpokit {command}`")
 
 
-def prepare(cfg, load_split, *, model=None, tokenizer=None, train_dataset=None, eval_dataset=None,
-            load_model=None) -> Prepared:
+def prepare(
+    cfg, load_split, *, model=None, tokenizer=None, train_dataset=None, eval_dataset=None, load_model=None
+) -> Prepared:
     """Devices, seed, output_dir checks, tokenizer, data, then the model (the caller's, or loaded with
     `load_model(name, trust_remote_code)`), with dropout off when cfg.disable_dropout."""
     ranks = setup_distributed()
@@ -80,8 +87,9 @@ def prepare(cfg, load_split, *, model=None, tokenizer=None, train_dataset=None, 
     loop.check_output_dir(cfg)
     if tokenizer is None:
         tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    train, held_out = train_and_eval(cfg, lambda source, split: load_split(cfg, tokenizer, source, split),
-                                     train_dataset, eval_dataset)
+    train, held_out = train_and_eval(
+        cfg, lambda source, split: load_split(cfg, tokenizer, source, split), train_dataset, eval_dataset
+    )
     if model is None:
         model = (load_model or models.load_model)(cfg.model, cfg.trust_remote_code)
     loop.check_output_dir(cfg, sum(p.numel() for p in model.parameters()))
@@ -115,16 +123,27 @@ def enable_gradient_checkpointing(model, lora: bool = False):
 def save_with_tokenizer(tokenizer):
     """The loop's save function: the model (a LoRA model as its adapter in checkpoints, merged in the
     final directory) and the tokenizer, as a directory `from_pretrained` loads."""
+
     def save(model, out_dir, final=False):
         return models.save_model(model, tokenizer, out_dir, merge_lora=final)
+
     return save
 
 
 def train(cfg, prepared: Prepared, step, collate, *, callbacks=(), plot_keys=(), save_fn=None, what="model"):
     """The shared loop on the prepared inputs; logs where the model went."""
-    result = loop.train(cfg, prepared.model, step, prepared.train_examples, prepared.eval_examples, collate,
-                        prepared.ranks, save_fn=save_fn or save_with_tokenizer(prepared.tokenizer),
-                        callbacks=callbacks, plot_keys=plot_keys)
+    result = loop.train(
+        cfg,
+        prepared.model,
+        step,
+        prepared.train_examples,
+        prepared.eval_examples,
+        collate,
+        prepared.ranks,
+        save_fn=save_fn or save_with_tokenizer(prepared.tokenizer),
+        callbacks=callbacks,
+        plot_keys=plot_keys,
+    )
     if prepared.ranks.main:
         log.info("saved the %s to %s", what, cfg.output_dir)
     return result

@@ -57,32 +57,43 @@ class RLConfig(TrainConfig):
     """RLHF: PPO or RLOO on a reward (model), with a KL penalty to the reference (the pipeline DPO replaces)."""
 
     output_dir: str = opt("runs/rl", "where the trained policy, config, metrics and plots are written")
-    dataset: str = opt(None, "prompts: rows with `prompt`, `messages` conversations, or preference rows (their "
-                       "prompts); per_device_train_batch_size counts prompts")
+    dataset: str = opt(
+        None,
+        "prompts: rows with `prompt`, `messages` conversations, or preference rows (their "
+        "prompts); per_device_train_batch_size counts prompts",
+    )
     learning_rate: float = opt(3e-6, "peak learning rate")
     reward: str = opt(None, "the reward to maximise: rm:PATH (a `dpokit rm` model), vader, or module:function")
-    ref_model: typing.Optional[str] = opt(None, "reference pi_ref of the KL penalty (default: a frozen copy of "
-                                          "`model`, normally the SFT model)")
-    algorithm: str = opt("ppo", "ppo: clipped surrogate with a value head and GAE; rloo: REINFORCE with the "
-                         "leave-one-out baseline (no value head)", ["ppo", "rloo"])
+    ref_model: typing.Optional[str] = opt(
+        None, "reference pi_ref of the KL penalty (default: a frozen copy of `model`, normally the SFT model)"
+    )
+    algorithm: str = opt(
+        "ppo",
+        "ppo: clipped surrogate with a value head and GAE; rloo: REINFORCE with the "
+        "leave-one-out baseline (no value head)",
+        ["ppo", "rloo"],
+    )
     num_samples_per_prompt: int = opt(4, "responses sampled per prompt in each rollout (rloo needs >= 2)")
     max_new_tokens: int = opt(48, "maximum tokens per sampled response")
-    temperature: float = opt(1.0, "sampling temperature; log-probs are those of the tempered policy (logits / "
-                             "temperature), as in TRL")
+    temperature: float = opt(
+        1.0, "sampling temperature; log-probs are those of the tempered policy (logits / temperature), as in TRL"
+    )
     kl_coef: float = opt(0.05, "beta: the KL penalty's coefficient (the initial one, with adaptive_kl)")
     adaptive_kl: bool = opt(False, "adapt beta towards target_kl (Ziegler et al., 2019)")
     target_kl: float = opt(6.0, "adaptive_kl: the sequence KL to steer towards")
     kl_horizon: float = opt(10000.0, "adaptive_kl: horizon K (beta moves by at most 20% x samples / K per step)")
-    ppo_epochs: int = opt(4, "optimizer steps on each rollout (PPO epochs, one minibatch each); 1: a fresh "
-                          "rollout every step")
+    ppo_epochs: int = opt(
+        4, "optimizer steps on each rollout (PPO epochs, one minibatch each); 1: a fresh rollout every step"
+    )
     cliprange: float = opt(0.2, "PPO's epsilon: the ratio pi / pi_old is clipped to [1 - eps, 1 + eps]")
     cliprange_value: float = opt(0.2, "values are clipped to the rollout's values +- this")
     vf_coef: float = opt(0.1, "weight of the value loss")
     gamma: float = opt(1.0, "discount factor of GAE")
     lam: float = opt(0.95, "lambda of GAE")
     whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 over each rollout micro-batch")
-    missing_eos_penalty: typing.Optional[float] = opt(None, "subtract this from the reward of responses that did "
-                                                      "not end with EOS within max_new_tokens")
+    missing_eos_penalty: typing.Optional[float] = opt(
+        None, "subtract this from the reward of responses that did not end with EOS within max_new_tokens"
+    )
 
     def check(self):
         prep.refuse(self, "rl", ("padding_free", "prefix_sharing", "logprob_chunk_size", "use_lora"))
@@ -107,20 +118,27 @@ class RLConfig(TrainConfig):
 def load_split(cfg, tokenizer, source, split) -> list:
     prompts, label = load_prompts(source, split)
     log.info("%s: %d distinct prompts", label, len(prompts))
-    return [PromptExample(p, truncate_prompt(tokenize_prompt(tokenizer, p, label, row), cfg.max_prompt_length,
-                                             cfg.truncation_mode), row) for row, p in prompts]
+    return [
+        PromptExample(
+            p,
+            truncate_prompt(tokenize_prompt(tokenizer, p, label, row), cfg.max_prompt_length, cfg.truncation_mode),
+            row,
+        )
+        for row, p in prompts
+    ]
 
 
-def rl(config=None, *, model=None, ref_model=None, tokenizer=None, train_dataset=None, eval_dataset=None,
-       callbacks=()):
+def rl(config=None, *, model=None, ref_model=None, tokenizer=None, train_dataset=None, eval_dataset=None, callbacks=()):
     """RLHF (PPO or RLOO) against `reward`; the arguments are those of dpokit.dpo (the datasets hold
     prompts). Returns a TrainResult whose model is the policy without its value head."""
     from dpokit.rewards import get_reward_fn
 
-    cfg = prep.resolve_config(RLConfig, config, model=model, ref_model=ref_model, train_dataset=train_dataset,
-                              eval_dataset=eval_dataset)
-    run = prep.prepare(cfg, load_split, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
-                       eval_dataset=eval_dataset)
+    cfg = prep.resolve_config(
+        RLConfig, config, model=model, ref_model=ref_model, train_dataset=train_dataset, eval_dataset=eval_dataset
+    )
+    run = prep.prepare(
+        cfg, load_split, model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset
+    )
     reward_fn = get_reward_fn(cfg.reward)
     policy = run.model
     reference = prep.reference_model(cfg, policy, ref_model)
@@ -134,8 +152,16 @@ def rl(config=None, *, model=None, ref_model=None, tokenizer=None, train_dataset
     if cfg.gradient_checkpointing:
         prep.enable_gradient_checkpointing(policy)
     step = RLStep(cfg, reference, reward_fn, run.tokenizer)
-    return prep.train(cfg, run, step, collate_prompts, callbacks=callbacks, plot_keys=("reward", "kl", "loss"),
-                      save_fn=partial(_save, tokenizer=run.tokenizer), what="RL policy")
+    return prep.train(
+        cfg,
+        run,
+        step,
+        collate_prompts,
+        callbacks=callbacks,
+        plot_keys=("reward", "kl", "loss"),
+        save_fn=partial(_save, tokenizer=run.tokenizer),
+        what="RL policy",
+    )
 
 
 def _save(model, out_dir, tokenizer, final=False):

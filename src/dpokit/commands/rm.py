@@ -33,8 +33,11 @@ class RMConfig(TrainConfig):
     output_dir: str = opt("runs/rm", "where the reward model, config, metrics and plots are written")
     learning_rate: float = opt(1e-5, "peak learning rate")
     dataset: str = opt(None, "preference pairs, in any format `dpokit dpo` reads")
-    center_rewards_coefficient: float = opt(0.0, "weight of the auxiliary (r_w + r_l)^2 term that keeps rewards "
-                                            "centred on 0 (Eisenstein et al., 2023); 0: the plain Bradley-Terry loss")
+    center_rewards_coefficient: float = opt(
+        0.0,
+        "weight of the auxiliary (r_w + r_l)^2 term that keeps rewards "
+        "centred on 0 (Eisenstein et al., 2023); 0: the plain Bradley-Terry loss",
+    )
 
     def check(self):
         prep.refuse(self, "rm", ("padding_free", "prefix_sharing", "logprob_chunk_size", "use_lora"))
@@ -44,12 +47,25 @@ def rm(config=None, *, model=None, tokenizer=None, train_dataset=None, eval_data
     """Train a reward model; `model` may be a loaded AutoModelForSequenceClassification (num_labels=1).
     The other arguments are those of dpokit.dpo. Returns a TrainResult."""
     cfg = prep.resolve_config(RMConfig, config, model=model, train_dataset=train_dataset, eval_dataset=eval_dataset)
-    run = prep.prepare(cfg, prep.load_pair_split, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
-                       eval_dataset=eval_dataset,
-                       load_model=lambda name, trust: load_reward_model(name, None, trust))
+    run = prep.prepare(
+        cfg,
+        prep.load_pair_split,
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        load_model=lambda name, trust: load_reward_model(name, None, trust),
+    )
     run.model.config.pad_token_id = run.tokenizer.pad_token_id  # transformers reads the reward from it
     if cfg.gradient_checkpointing:
         prep.enable_gradient_checkpointing(run.model)
     collate = partial(collate_padded, pad_id=run.tokenizer.pad_token_id)
-    return prep.train(cfg, run, RewardStep(cfg), collate, callbacks=callbacks,
-                      plot_keys=("loss", "accuracy", "rewards/margins"), what=f"reward model (reward=rm:{cfg.output_dir})")
+    return prep.train(
+        cfg,
+        run,
+        RewardStep(cfg),
+        collate,
+        callbacks=callbacks,
+        plot_keys=("loss", "accuracy", "rewards/margins"),
+        what=f"reward model (reward=rm:{cfg.output_dir})",
+    )

@@ -39,11 +39,17 @@ class SFTConfig(TrainConfig):
 
     output_dir: str = opt("runs/sft", "where the trained model, config, metrics and plots are written")
     learning_rate: float = opt(2e-5, "peak learning rate")
-    loss_normalization: str = opt("sequence", "per-example loss: the mean NLL of its completion tokens (every "
-                                  "example weighs the same) or their sum (every token weighs the same)",
-                                  ["sequence", "sum"])
-    dataset: str = opt(None, "demonstrations: prompt+completion, messages (the last assistant "
-                                        "turn is the target) or preference rows (chosen is the target)")
+    loss_normalization: str = opt(
+        "sequence",
+        "per-example loss: the mean NLL of its completion tokens (every "
+        "example weighs the same) or their sum (every token weighs the same)",
+        ["sequence", "sum"],
+    )
+    dataset: str = opt(
+        None,
+        "demonstrations: prompt+completion, messages (the last assistant "
+        "turn is the target) or preference rows (chosen is the target)",
+    )
 
     def check(self):
         prep.refuse(self, "sft", ("prefix_sharing",))
@@ -51,8 +57,9 @@ class SFTConfig(TrainConfig):
 
 def load_split(cfg, tokenizer, source, split) -> list:
     rows, label, fmt = load_demonstrations(source, split)
-    examples, stats = tokenize_demonstrations(tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length,
-                                              cfg.truncation_mode)
+    examples, stats = tokenize_demonstrations(
+        tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode
+    )
     log.info("%s (%s): %s", label, fmt, stats.summary().replace("pairs", "examples"))
     return examples
 
@@ -60,15 +67,17 @@ def load_split(cfg, tokenizer, source, split) -> list:
 def sft(config=None, *, model=None, tokenizer=None, train_dataset=None, eval_dataset=None, callbacks=()):
     """Supervised fine-tuning; the arguments are those of dpokit.dpo (no reference). Returns a TrainResult."""
     cfg = prep.resolve_config(SFTConfig, config, model=model, train_dataset=train_dataset, eval_dataset=eval_dataset)
-    run = prep.prepare(cfg, load_split, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
-                       eval_dataset=eval_dataset)
+    run = prep.prepare(
+        cfg, load_split, model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset
+    )
     if cfg.use_lora:
         run.model = models.add_lora(run.model, cfg)
     if cfg.gradient_checkpointing:
         prep.enable_gradient_checkpointing(run.model, cfg.use_lora)
     collate = partial(collate_sft, pad_id=run.tokenizer.pad_token_id, packed=cfg.padding_free)
-    result = prep.train(cfg, run, SFTStep(cfg), collate, callbacks=callbacks, plot_keys=("loss", "nll"),
-                        what="SFT model")
+    result = prep.train(
+        cfg, run, SFTStep(cfg), collate, callbacks=callbacks, plot_keys=("loss", "nll"), what="SFT model"
+    )
     if run.ranks.main:
         log.info("use it as model= and ref_model= of `dpokit dpo`")
     return result

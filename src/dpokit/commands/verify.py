@@ -61,11 +61,10 @@ class VerifyConfig:
     tv_bound: float = opt(0.02, "largest acceptable mean TV(pi, pi*) with num_pairs sampled pairs")
     seed: int = opt(0, "seed of the toy problem and the sampled pairs")
 
-
-# --- the toy problem -----------------------------------------------------------------------------------
+    # --- the toy problem -----------------------------------------------------------------------------------
 
     def check(self):
-        n = self.vocab_size ** self.response_length
+        n = self.vocab_size**self.response_length
         if self.vocab_size < 1 or self.response_length < 1 or not 2 <= n <= 1024:
             raise UserError(f"vocab_size ** response_length must be between 2 and 1024 responses, got {n}")
         for name in ("num_prompts", "num_pairs", "steps"):
@@ -80,7 +79,7 @@ class VerifyConfig:
 
 def make_problem(cfg, generator):
     """pi_ref's log-probs and the rewards, both (X, N), float64."""
-    X, N = cfg.num_prompts, cfg.vocab_size ** cfg.response_length          # N: every token sequence
+    X, N = cfg.num_prompts, cfg.vocab_size**cfg.response_length  # N: every token sequence
     ref_logits = cfg.reference_scale * torch.randn(X, N, generator=generator, dtype=torch.float64)
     ref_logps = torch.log_softmax(ref_logits, -1)
     rewards = cfg.reward_scale * torch.randn(X, N, generator=generator, dtype=torch.float64)
@@ -94,9 +93,9 @@ def optimal_policy(ref_logps, rewards, beta):
 
 def ipo_optimal_policy(ref_logps, rewards, tau):
     """log pi_IPO for deterministic labels, pairs i.i.d. from mu = pi_ref (derivation in the docstring)."""
-    mu = ref_logps.exp()                                                           # (X, N)
-    beats = (rewards[:, :, None] > rewards[:, None, :]).double()                   # (X, N, N): y beats y'
-    p_win = (beats * mu[:, None, :]).sum(-1) + mu / 2                              # P(y > mu), (X, N)
+    mu = ref_logps.exp()  # (X, N)
+    beats = (rewards[:, :, None] > rewards[:, None, :]).double()  # (X, N, N): y beats y'
+    p_win = (beats * mu[:, None, :]).sum(-1) + mu / 2  # P(y > mu), (X, N)
     return torch.log_softmax(ref_logps + p_win / tau, -1)
 
 
@@ -121,18 +120,20 @@ def sampled_pairs(ref_logps, rewards, num_pairs, generator):
     xs, y1s, y2s = [], [], []
     while sum(len(x) for x in xs) < num_pairs:
         x = torch.randint(X, (num_pairs,), generator=generator)
-        y = torch.multinomial(ref_logps[x].exp(), 2, replacement=True, generator=generator)     # (n, 2)
+        y = torch.multinomial(ref_logps[x].exp(), 2, replacement=True, generator=generator)  # (n, 2)
         keep = y[:, 0] != y[:, 1]
         xs.append(x[keep]), y1s.append(y[keep, 0]), y2s.append(y[keep, 1])
     x, y1, y2 = (torch.cat(t)[:num_pairs] for t in (xs, y1s, y2s))
     first_wins = torch.rand(num_pairs, generator=generator, dtype=torch.float64) < torch.sigmoid(
-        rewards[x, y1] - rewards[x, y2])
+        rewards[x, y1] - rewards[x, y2]
+    )
     w, l = torch.where(first_wins, y1, y2), torch.where(first_wins, y2, y1)
     triples, counts = torch.unique(torch.stack([x, w, l]), dim=1, return_counts=True)
     return triples[0], triples[1], triples[2], counts.double()
 
 
 # --- training with the library's losses ---------------------------------------------------------------
+
 
 def train(loss_type, ref_logps, pairs, cfg, record_at=(), **hyper):
     """Adam on one logit per (x, y), from pi_ref. Returns the final log pi (X, N) and {step: log pi}."""
@@ -147,7 +148,7 @@ def train(loss_type, ref_logps, pairs, cfg, record_at=(), **hyper):
             snapshots[step] = torch.log_softmax(logits.detach(), -1)
         if step == cfg.steps:
             break
-        logps = torch.log_softmax(logits, -1)                                        # (X, N)
+        logps = torch.log_softmax(logits, -1)  # (X, N)
         losses, _, _ = loss_fn(logps[x, w], logps[x, l], ref_logps[x, w], ref_logps[x, l], beta=cfg.beta, **hyper)
         optimizer.zero_grad()
         (weight * losses).sum().backward()
@@ -157,6 +158,7 @@ def train(loss_type, ref_logps, pairs, cfg, record_at=(), **hyper):
 
 
 # --- what is reported ------------------------------------------------------------------------------------
+
 
 def tv(logp, logq):
     """Total variation per prompt, (X,)."""
@@ -178,10 +180,14 @@ def expected_reward(logp, rewards):
 
 def compare(logp, opt_logp, ref_logps, rewards, beta):
     """The numbers of the closed-form check for a trained policy log pi (X, N)."""
-    gap = beta * (logp - ref_logps) - rewards                                      # r_hat - r, (X, N)
-    return {"tv": tv(logp, opt_logp).mean().item(), "tv_max": tv(logp, opt_logp).max().item(),
-            "kl": kl(logp, opt_logp).mean().item(), "reward": expected_reward(logp, rewards),
-            "implicit_reward_spread": (gap.max(-1).values - gap.min(-1).values).max().item()}
+    gap = beta * (logp - ref_logps) - rewards  # r_hat - r, (X, N)
+    return {
+        "tv": tv(logp, opt_logp).mean().item(),
+        "tv_max": tv(logp, opt_logp).max().item(),
+        "kl": kl(logp, opt_logp).mean().item(),
+        "reward": expected_reward(logp, rewards),
+        "implicit_reward_spread": (gap.max(-1).values - gap.min(-1).values).max().item(),
+    }
 
 
 def verify(config=None) -> dict:
@@ -189,7 +195,7 @@ def verify(config=None) -> dict:
     config: a VerifyConfig, a dict of its keys, or a YAML path."""
     cfg = resolve_config(VerifyConfig, config)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)               # tensors of a few hundred numbers: threads only add overhead
+    torch.set_num_threads(1)  # tensors of a few hundred numbers: threads only add overhead
     try:
         return run_checks(cfg)
     finally:
@@ -202,55 +208,86 @@ def run_checks(cfg: VerifyConfig) -> dict:
     ref_logps, rewards = make_problem(cfg, g)
     X, N = ref_logps.shape
     opt_logp = optimal_policy(ref_logps, rewards, cfg.beta)
-    print(f"toy problem: {X} prompts x {N} responses ({cfg.vocab_size} tokens, length {cfg.response_length}), "
-          f"beta = {cfg.beta}, r ~ N(0, {cfg.reward_scale}^2)")
-    print(f"TV(pi_ref, pi*) = {tv(ref_logps, opt_logp).mean():.4f}; expected reward: pi_ref "
-          f"{expected_reward(ref_logps, rewards):.4f}, pi* {expected_reward(opt_logp, rewards):.4f}")
+    print(
+        f"toy problem: {X} prompts x {N} responses ({cfg.vocab_size} tokens, length {cfg.response_length}), "
+        f"beta = {cfg.beta}, r ~ N(0, {cfg.reward_scale}^2)"
+    )
+    print(
+        f"TV(pi_ref, pi*) = {tv(ref_logps, opt_logp).mean():.4f}; expected reward: pi_ref "
+        f"{expected_reward(ref_logps, rewards):.4f}, pi* {expected_reward(opt_logp, rewards):.4f}"
+    )
 
     # 1. DPO recovers pi* = pi_ref exp(r/beta) / Z: on the population, and on sampled pairs
     population, _ = train("sigmoid", ref_logps, population_pairs(ref_logps, rewards, False), cfg)
     sampled, _ = train("sigmoid", ref_logps, sampled_pairs(ref_logps, rewards, cfg.num_pairs, g), cfg)
-    results = {"pi_ref_reward": expected_reward(ref_logps, rewards),
-               "pi_star_reward": expected_reward(opt_logp, rewards),
-               "population": compare(population, opt_logp, ref_logps, rewards, cfg.beta),
-               "sampled": compare(sampled, opt_logp, ref_logps, rewards, cfg.beta)}
+    results = {
+        "pi_ref_reward": expected_reward(ref_logps, rewards),
+        "pi_star_reward": expected_reward(opt_logp, rewards),
+        "population": compare(population, opt_logp, ref_logps, rewards, cfg.beta),
+        "sampled": compare(sampled, opt_logp, ref_logps, rewards, cfg.beta),
+    }
     print("\nDPO (sigmoid) vs the closed form pi* (mean over prompts; spread = max_x [max_y - min_y] (r_hat - r))")
     print(f"{'data':<24}{'TV':>9}{'TV max':>9}{'KL':>11}{'E[r]':>9}{'spread':>10}")
     for name, label in [("population", "population (exact)"), ("sampled", f"{cfg.num_pairs} sampled pairs")]:
         m = results[name]
-        print(f"{label:<24}{m['tv']:>9.4f}{m['tv_max']:>9.4f}{max(m['kl'], 0.0):>11.2e}{m['reward']:>9.4f}"
-              f"{m['implicit_reward_spread']:>10.4f}")
+        print(
+            f"{label:<24}{m['tv']:>9.4f}{m['tv_max']:>9.4f}{max(m['kl'], 0.0):>11.2e}{m['reward']:>9.4f}"
+            f"{m['implicit_reward_spread']:>10.4f}"
+        )
 
     # 2. deterministic labels: DPO drifts to a deterministic policy, IPO and cDPO stay at finite optima
     pairs = population_pairs(ref_logps, rewards, True)
     record_at = sorted({0, cfg.steps // 100, cfg.steps // 30, cfg.steps // 10, cfg.steps // 3, cfg.steps})
     ipo_logp = ipo_optimal_policy(ref_logps, rewards, cfg.beta)
-    runs = {"dpo": train("sigmoid", ref_logps, pairs, cfg, record_at)[1],
-            "ipo": train("ipo", ref_logps, pairs, cfg, record_at)[1],
-            "cdpo": train("sigmoid", ref_logps, pairs, cfg, record_at, label_smoothing=cfg.label_smoothing)[1]}
-    table = {name: [{"step": s, "max_prob": lp.exp().max(-1).values.mean().item(),
-                     "entropy": entropy(lp).mean().item(), "tv_ipo_optimum": tv(lp, ipo_logp).mean().item()}
-                    for s, lp in snaps.items()] for name, snaps in runs.items()}
+    runs = {
+        "dpo": train("sigmoid", ref_logps, pairs, cfg, record_at)[1],
+        "ipo": train("ipo", ref_logps, pairs, cfg, record_at)[1],
+        "cdpo": train("sigmoid", ref_logps, pairs, cfg, record_at, label_smoothing=cfg.label_smoothing)[1],
+    }
+    table = {
+        name: [
+            {
+                "step": s,
+                "max_prob": lp.exp().max(-1).values.mean().item(),
+                "entropy": entropy(lp).mean().item(),
+                "tv_ipo_optimum": tv(lp, ipo_logp).mean().item(),
+            }
+            for s, lp in snaps.items()
+        ]
+        for name, snaps in runs.items()
+    }
     results["deterministic"] = table
-    results["ipo_optimum"] = {"max_prob": ipo_logp.exp().max(-1).values.mean().item(),
-                              "entropy": entropy(ipo_logp).mean().item()}
-    print("\ndeterministic labels (higher reward wins), population pairs; mean over prompts of max_y pi(y|x), "
-          "entropy H, and TV to IPO's closed-form optimum")
-    print(f"{'step':>7} | {'DPO max':>8}{'H':>7} | {'IPO max':>8}{'H':>7}{'TV':>8} | "
-          f"{'cDPO max':>9}{'H':>7}   (eps = {cfg.label_smoothing})")
+    results["ipo_optimum"] = {
+        "max_prob": ipo_logp.exp().max(-1).values.mean().item(),
+        "entropy": entropy(ipo_logp).mean().item(),
+    }
+    print(
+        "\ndeterministic labels (higher reward wins), population pairs; mean over prompts of max_y pi(y|x), "
+        "entropy H, and TV to IPO's closed-form optimum"
+    )
+    print(
+        f"{'step':>7} | {'DPO max':>8}{'H':>7} | {'IPO max':>8}{'H':>7}{'TV':>8} | "
+        f"{'cDPO max':>9}{'H':>7}   (eps = {cfg.label_smoothing})"
+    )
     for i, step in enumerate(record_at):
         d, p, c = (table[k][i] for k in ("dpo", "ipo", "cdpo"))
-        print(f"{step:>7} | {d['max_prob']:>8.4f}{d['entropy']:>7.3f} | {p['max_prob']:>8.4f}{p['entropy']:>7.3f}"
-              f"{p['tv_ipo_optimum']:>8.4f} | {c['max_prob']:>9.4f}{c['entropy']:>7.3f}")
+        print(
+            f"{step:>7} | {d['max_prob']:>8.4f}{d['entropy']:>7.3f} | {p['max_prob']:>8.4f}{p['entropy']:>7.3f}"
+            f"{p['tv_ipo_optimum']:>8.4f} | {c['max_prob']:>9.4f}{c['entropy']:>7.3f}"
+        )
     best = results["ipo_optimum"]
-    print(f"{'optimum':>7} | {'1 (argmax r)':>15} | {best['max_prob']:>8.4f}{best['entropy']:>7.3f}{'':>8} | "
-          f"{'finite':>16}   <- IPO closed form pi_ref exp(P(y > mu)/tau) / Z")
+    print(
+        f"{'optimum':>7} | {'1 (argmax r)':>15} | {best['max_prob']:>8.4f}{best['entropy']:>7.3f}{'':>8} | "
+        f"{'finite':>16}   <- IPO closed form pi_ref exp(P(y > mu)/tau) / Z"
+    )
 
     results["seconds"] = time.time() - start
     results["passed"] = results["sampled"]["tv"] < cfg.tv_bound and results["population"]["tv"] < 1e-3
-    print(f"\n{'PASS' if results['passed'] else 'FAIL'}: TV(pi_DPO, pi*) = {results['sampled']['tv']:.4f} with "
-          f"{cfg.num_pairs} pairs (bound {cfg.tv_bound}), {results['population']['tv']:.1e} on the population; "
-          f"{results['seconds']:.1f} s")
+    print(
+        f"\n{'PASS' if results['passed'] else 'FAIL'}: TV(pi_DPO, pi*) = {results['sampled']['tv']:.4f} with "
+        f"{cfg.num_pairs} pairs (bound {cfg.tv_bound}), {results['population']['tv']:.1e} on the population; "
+        f"{results['seconds']:.1f} s"
+    )
     if not results["passed"]:
         raise SystemExit(1)
     return results

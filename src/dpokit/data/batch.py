@@ -27,5 +27,10 @@ def collate_padded(pairs: list, pad_id: int) -> dict:
     input_ids = pad_right(seqs, pad_id)
     attention_mask = pad_right([[1] * len(s) for s in seqs], 0)
     loss_mask = pad_right(masks, 0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "num_examples": len(pairs), "num_tokens": int(attention_mask.sum())}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "num_examples": len(pairs),
+        "num_tokens": int(attention_mask.sum()),
+    }

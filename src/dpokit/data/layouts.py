@@ -53,6 +53,7 @@ PROMPT, CHOSEN, REJECTED = 0, 1, 2
 @dataclass
 class Block:
     """Tokens laid out contiguously, attending only within the block; targets index into the block."""
+
     ids: list = field(default_factory=list)
     positions: list = field(default_factory=list)
     segments: list = field(default_factory=list)
@@ -80,8 +81,13 @@ def sequence_blocks(pairs) -> list:
         for i, p in enumerate(pairs):
             b = Block()
             b.add(p.prompt_ids, PROMPT, 0, None, None)
-            b.add(getattr(p, response), CHOSEN if offset == 0 else REJECTED, len(p.prompt_ids),
-                  len(p.prompt_ids) - 1, offset + i)
+            b.add(
+                getattr(p, response),
+                CHOSEN if offset == 0 else REJECTED,
+                len(p.prompt_ids),
+                len(p.prompt_ids) - 1,
+                offset + i,
+            )
             blocks.append(b)
     return blocks
 
@@ -122,11 +128,18 @@ def assemble(blocks: list, pad_id: int, packed: bool, layout: str, num_examples:
             target_sequence += b.target_sequence
             start += len(b.ids)
             block_no += 1
-    return {"layout": layout, "input_ids": input_ids, "position_ids": position_ids,
-            "sequence_ids": sequence_ids, "segment_ids": segment_ids,
-            "logit_positions": torch.tensor(logit_positions), "target_ids": torch.tensor(targets),
-            "target_sequence": torch.tensor(target_sequence), "num_examples": num_examples,
-            "num_tokens": sum(len(b.ids) for b in blocks)}
+    return {
+        "layout": layout,
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "sequence_ids": sequence_ids,
+        "segment_ids": segment_ids,
+        "logit_positions": torch.tensor(logit_positions),
+        "target_ids": torch.tensor(targets),
+        "target_sequence": torch.tensor(target_sequence),
+        "num_examples": num_examples,
+        "num_tokens": sum(len(b.ids) for b in blocks),
+    }
 
 
 def collate_packed(pairs: list, pad_id: int = 0) -> dict:
@@ -136,8 +149,13 @@ def collate_packed(pairs: list, pad_id: int = 0) -> dict:
 
 def collate_prefix_shared(pairs: list, pad_id: int, packed: bool = False) -> dict:
     """B TokenizedPairs -> one [prompt | chosen | rejected] block per pair: (B, T) rows, or one (1, L) row."""
-    return assemble(prefix_shared_blocks(pairs), pad_id, packed=packed,
-                    layout="prefix_shared_packed" if packed else "prefix_shared", num_examples=len(pairs))
+    return assemble(
+        prefix_shared_blocks(pairs),
+        pad_id,
+        packed=packed,
+        layout="prefix_shared_packed" if packed else "prefix_shared",
+        num_examples=len(pairs),
+    )
 
 
 def layout_name(padding_free: bool = False, prefix_sharing: bool = False) -> str:
@@ -166,10 +184,10 @@ def prefix_shared_mask(sequence_ids: torch.Tensor, segment_ids: torch.Tensor) ->
     to attend to would be NaN, and NaN times a zero gradient is still NaN.
     """
     T = sequence_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=sequence_ids.device).tril()      # (T, T)
-    same_block = sequence_ids[:, :, None] == sequence_ids[:, None, :]                  # (N, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=sequence_ids.device).tril()  # (T, T)
+    same_block = sequence_ids[:, :, None] == sequence_ids[:, None, :]  # (N, T, T)
     rejected_to_chosen = (segment_ids[:, :, None] == REJECTED) & (segment_ids[:, None, :] == CHOSEN)
-    real = (sequence_ids >= 0)[:, :, None]                                              # (N, T, 1)
+    real = (sequence_ids >= 0)[:, :, None]  # (N, T, 1)
     allowed = same_block & causal & ~rejected_to_chosen & real
     allowed |= torch.eye(T, dtype=torch.bool, device=sequence_ids.device)
     return allowed[:, None]

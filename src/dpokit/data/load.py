@@ -73,8 +73,9 @@ def _read_in_memory(source: InMemory, split: str) -> tuple[list, str]:
     try:
         rows = list(data)
     except TypeError:
-        raise UserError(f"{label}: expected rows (a datasets.Dataset, DatasetDict or list of dicts), got "
-                        f"{type(data).__name__}") from None
+        raise UserError(
+            f"{label}: expected rows (a datasets.Dataset, DatasetDict or list of dicts), got {type(data).__name__}"
+        ) from None
     for i, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise UserError(f"{where(label, i)}: expected a dict of fields, got {type(row).__name__}")
@@ -158,8 +159,9 @@ def _read_json(path: Path) -> list:
     if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}: a single list inside an object
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise UserError(f"{path}: expected a JSON list of objects (or an object holding one list; "
-                            f"this one holds {len(lists)})")
+            raise UserError(
+                f"{path}: expected a JSON list of objects (or an object holding one list; this one holds {len(lists)})"
+            )
         data = lists[0]
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of objects")
@@ -207,8 +209,7 @@ def _read_csv(path: Path) -> list:
         return []
     header_line, names = records[0]
     if not names:
-        raise UserError(f"{where(path, header_line)}: the header line is empty (the first line must name the "
-                        "columns)")
+        raise UserError(f"{where(path, header_line)}: the header line is empty (the first line must name the columns)")
     seen = set()
     for name in names:
         if name and name in seen:
@@ -294,6 +295,7 @@ def _read_hub(name: str, split: str) -> list:
 
 # ---------------------------------------------------------------------------------------------------
 
+
 def _printable(name, limit=60, quotes=True) -> str:
     """A user's column name or value for a one-line message: escaped (newlines, lone surrogates), cut."""
     text = repr(name) if quotes or not isinstance(name, str) else repr(name)[1:-1]
@@ -331,8 +333,10 @@ def _check_messages(label, row, key, value):
 
 def _check_size(label, row, key, size, what="characters", limit=MAX_FIELD_CHARS, name="MAX_FIELD_CHARS"):
     if size > limit:
-        raise UserError(f"{where(label, row, key)}: {size:,} {what}, over the limit of {limit:,} "
-                        f"(dpokit.data.load.{name}; it would be cut to max_length tokens anyway)")
+        raise UserError(
+            f"{where(label, row, key)}: {size:,} {what}, over the limit of {limit:,} "
+            f"(dpokit.data.load.{name}; it would be cut to max_length tokens anyway)"
+        )
 
 
 def _check_encodable(label, row, key, text):
@@ -340,8 +344,10 @@ def _check_encodable(label, row, key, text):
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise UserError(f"{where(label, row, key)}: contains a lone surrogate {_printable(text[e.start])} at "
-                        f"character {e.start} (a broken \\u escape: not a character)") from None
+        raise UserError(
+            f"{where(label, row, key)}: contains a lone surrogate {_printable(text[e.start])} at "
+            f"character {e.start} (a broken \\u escape: not a character)"
+        ) from None
 
 
 def check_field(label, row, key, value, kind):
@@ -439,8 +445,16 @@ def load_unpaired(source: str, split: str = "train") -> tuple[list, str, str]:
                 raise _missing(label, row, key, obj, "unpaired data for kto needs prompt, completion, label")
         for key in ("prompt", "completion"):
             check_field(label, row, key, obj[key], kind)
-        out.append((row, {"prompt": obj["prompt"], "completion": obj["completion"],
-                          "label": _check_label(label, row, obj["label"])}))
+        out.append(
+            (
+                row,
+                {
+                    "prompt": obj["prompt"],
+                    "completion": obj["completion"],
+                    "label": _check_label(label, row, obj["label"]),
+                },
+            )
+        )
     if len({r["label"] for _, r in out}) < 2:
         log_kind = "desirable" if out[0][1]["label"] else "undesirable"
         raise UserError(f"{label}: every example is {log_kind}; kto needs both labels")

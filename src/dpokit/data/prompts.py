@@ -59,8 +59,9 @@ def load_prompts(source: str, split: str = "train") -> tuple[list, str]:
         pairs, _, _ = load_pairs(source, split)
         out = [(row, explicit_prompt(ex)["prompt"]) for row, ex in pairs]
     else:
-        raise UserError(f"{where(label, first_row)}: no 'prompt' or 'messages' column (columns: "
-                        f"{', '.join(map(str, first))})")
+        raise UserError(
+            f"{where(label, first_row)}: no 'prompt' or 'messages' column (columns: {', '.join(map(str, first))})"
+        )
     seen, unique = set(), []
     for row, prompt in out:
         key = json.dumps(prompt, sort_keys=True)
@@ -105,12 +106,15 @@ def load_demonstrations(source: str, split: str = "train") -> tuple[list, str, s
                 ex = explicit_prompt(ex)
                 out.append((row, {"prompt": ex["prompt"], "completion": ex["chosen"]}))
         return out, label, "preference rows (chosen as the target)"
-    raise UserError(f"{where(label, first_row)}: expected columns prompt+completion, messages, or "
-                    f"prompt+chosen (columns: {', '.join(map(str, first))})")
+    raise UserError(
+        f"{where(label, first_row)}: expected columns prompt+completion, messages, or "
+        f"prompt+chosen (columns: {', '.join(map(str, first))})"
+    )
 
 
-def tokenize_demonstrations(tok, rows, label, max_length, max_prompt_length,
-                            truncation_mode="keep_end") -> tuple[list, TokenizeStats]:
+def tokenize_demonstrations(
+    tok, rows, label, max_length, max_prompt_length, truncation_mode="keep_end"
+) -> tuple[list, TokenizeStats]:
     """Demonstrations -> TokenizedPairs whose chosen_ids is the completion (rejected_ids the same list),
     boundary-exact, the completion ending in one EOS; truncated as in DPO."""
     return tokenize_dataset(tok, rows, label, max_length, max_prompt_length, truncation_mode, completions=True)
@@ -137,4 +141,3 @@ def truncate_prompt(ids: list, max_prompt_length, truncation_mode) -> list:
 def response_message(prompt, response: str):
     """A response in the prompt's format: the text itself, or one assistant message for a conversation."""
     return [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response
-

@@ -55,18 +55,23 @@ def _one_bos(tok, ids):
     bos, n = tok.bos_token_id, 0
     while bos is not None and n < len(ids) and ids[n] == bos:
         n += 1
-    return ids[n - 1:] if n >= 2 else ids
+    return ids[n - 1 :] if n >= 2 else ids
 
 
 def split_at_boundary(tok, prompt: str, response: str, special: bool) -> tuple[list, list]:
     """(prompt_ids, response_ids) with prompt_ids == tokenizer(prompt) and the response as its continuation."""
     prompt_ids = _one_bos(tok, _encode(tok, prompt, special))
     full_ids = _one_bos(tok, _encode(tok, prompt + response, special))
-    if special and tok.eos_token_id is not None and full_ids and full_ids[-1] == tok.eos_token_id \
-            and not response.endswith(tok.eos_token or "\0"):
+    if (
+        special
+        and tok.eos_token_id is not None
+        and full_ids
+        and full_ids[-1] == tok.eos_token_id
+        and not response.endswith(tok.eos_token or "\0")
+    ):
         full_ids = full_ids[:-1]  # tokenizers that append EOS themselves: we add our own below
     if full_ids[: len(prompt_ids)] == prompt_ids:
-        return prompt_ids, full_ids[len(prompt_ids):]
+        return prompt_ids, full_ids[len(prompt_ids) :]
     # A merge crossed the boundary: the model, given prompt_ids, generates the response from scratch.
     return prompt_ids, continuation_ids(tok, response)
 
@@ -123,8 +128,10 @@ def explicit_prompt(example: dict, label="", row=0) -> dict:
     c, r = example["chosen"], example["rejected"]
     n = common_prefix_messages(c, r) if isinstance(c, list) else common_prefix_text(c, r)
     if n == 0 or (isinstance(c, str) and not c[:n].strip()):
-        raise UserError(f"{where(label, row, 'chosen')}: no prompt: chosen and rejected do not begin with a "
-                        f"common prompt (a row without a 'prompt' takes it from their common beginning)")
+        raise UserError(
+            f"{where(label, row, 'chosen')}: no prompt: chosen and rejected do not begin with a "
+            f"common prompt (a row without a 'prompt' takes it from their common beginning)"
+        )
     return {"prompt": c[:n], "chosen": c[n:], "rejected": r[n:]}
 
 
@@ -140,16 +147,18 @@ def apply_template(tok, messages: list, label, row, key, **kwargs) -> str:
         raise UserError(f"{where(label, row, key)}: the chat template failed ({reason})") from None
 
 
-def render_chat(tok, prompt_msgs: list, response_msgs: list, label, row, key="chosen",
-                prompt_key="prompt") -> tuple[str, str]:
+def render_chat(
+    tok, prompt_msgs: list, response_msgs: list, label, row, key="chosen", prompt_key="prompt"
+) -> tuple[str, str]:
     """(templated prompt, templated response) with the template's text for prompt + response split exactly;
     key / prompt_key name the fields in errors."""
     prompt_text = apply_template(tok, prompt_msgs, label, row, prompt_key, add_generation_prompt=True)
     full_text = apply_template(tok, prompt_msgs + response_msgs, label, row, key)
     if not full_text.startswith(prompt_text):
-        raise UserError(f"{where(label, row, key)}: the chat template does not render the prompt as a prefix "
-                        "of prompt + response")
-    return prompt_text, full_text[len(prompt_text):]
+        raise UserError(
+            f"{where(label, row, key)}: the chat template does not render the prompt as a prefix of prompt + response"
+        )
+    return prompt_text, full_text[len(prompt_text) :]
 
 
 def tokenize_pair(tok, example: dict, label="", row=0, fields=PAIR_FIELDS) -> TokenizedPair:
@@ -191,8 +200,9 @@ def truncate(pair: TokenizedPair, max_length, max_prompt_length, truncation_mode
     return TokenizedPair(p, c, r, pair.row)
 
 
-def tokenize_dataset(tok, rows, label, max_length=None, max_prompt_length=None,
-                     truncation_mode="keep_end", completions: bool = False) -> tuple[list, TokenizeStats]:
+def tokenize_dataset(
+    tok, rows, label, max_length=None, max_prompt_length=None, truncation_mode="keep_end", completions: bool = False
+) -> tuple[list, TokenizeStats]:
     """Checked rows -> truncated TokenizedPairs; dropped rows are counted by reason. Rows are pairs
     (prompt, chosen, rejected), or with `completions` single completions (prompt, completion), kept as
     pairs whose chosen and rejected are both the completion (SFT's and KTO's examples)."""

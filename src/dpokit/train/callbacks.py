@@ -142,8 +142,14 @@ class Progress(Callback):
         if self.enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step",
-                            dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(
+                total=state.total_steps,
+                initial=state.step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
 
     def on_step_end(self, state):
         if self.bar is not None:

@@ -51,7 +51,7 @@ def fault_point(name: str):
 
 def _fsync_dir(path: Path, files=True):
     """fsync every file below `path` (when `files`), then the directory entries themselves."""
-    for root, dirs, names in os.walk(path) if files else [(path, [], [])]:
+    for root, _, names in os.walk(path) if files else [(path, [], [])]:
         for name in names:
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
@@ -71,8 +71,7 @@ def _reason(e: BaseException) -> str:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    return {"python": _listify(random.getstate()),
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return {"python": _listify(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
 
 
 def _listify(x):
@@ -119,8 +118,7 @@ def save_checkpoint(out_dir: Path, step: int, save_model, optimizer, trainer_sta
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, UserError) or not isinstance(e, Exception):  # (a second signal: exit at once)
             raise
-        raise UserError(f"{final}: cannot write checkpoint ({_reason(e)}); the previous checkpoint "
-                        "is intact") from None
+        raise UserError(f"{final}: cannot write checkpoint ({_reason(e)}); the previous checkpoint is intact") from None
     if limit:
         for old in list_checkpoints(out_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -165,8 +163,10 @@ def save_final(out_dir: Path, save_model, last_checkpoint=None):
     except BaseException as e:
         if isinstance(e, UserError) or not isinstance(e, Exception):
             raise
-        raise UserError(f"{out_dir}: cannot write the final model ({_reason(e)}); the last checkpoint "
-                        f"{last_checkpoint or '(none)'} is intact: run again with resume=auto") from None
+        raise UserError(
+            f"{out_dir}: cannot write the final model ({_reason(e)}); the last checkpoint "
+            f"{last_checkpoint or '(none)'} is intact: run again with resume=auto"
+        ) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -187,8 +187,11 @@ def _files(directory: Path) -> list:
 
 
 def write_manifest(directory: Path):
-    files = {rel: {"size": (directory / rel).stat().st_size, "sha256": _sha256(directory / rel)}
-             for rel in _files(directory) if rel != MANIFEST}
+    files = {
+        rel: {"size": (directory / rel).stat().st_size, "sha256": _sha256(directory / rel)}
+        for rel in _files(directory)
+        if rel != MANIFEST
+    }
     with open(directory / MANIFEST, "w", encoding="utf-8") as f:
         json.dump({"files": files}, f, indent=1)
         f.flush()
@@ -232,7 +235,7 @@ def verify(path) -> str | None:
         return f"{path / STATE}: unreadable ({_reason(e)})"
     if not isinstance(step, int):
         return f"{path / STATE}: no step"
-    name = path.name[len(PREFIX):]
+    name = path.name[len(PREFIX) :]
     if path.name.startswith(PREFIX) and name.isdigit() and int(name) != step:
         return f"{path / STATE}: says step {step}, the directory is {path.name}"
     if manifest is None:
@@ -269,8 +272,8 @@ def list_checkpoints(out_dir) -> list:
         return []
     found = []
     for p in out_dir.iterdir():
-        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit():
-            found.append((int(p.name[len(PREFIX):]), p))
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit():
+            found.append((int(p.name[len(PREFIX) :]), p))
     return [p for _, p in sorted(found)]
 
 
@@ -297,8 +300,10 @@ def find_resume(resume, out_dir):
             log.warning("%s: damaged, not resuming from it: %s", path.name, problem)
             damaged.append(problem)
         if damaged:
-            raise UserError(f"{out_dir}: no checkpoint to resume from is intact ({'; '.join(damaged)}); "
-                            "move them away to start afresh")
+            raise UserError(
+                f"{out_dir}: no checkpoint to resume from is intact ({'; '.join(damaged)}); "
+                "move them away to start afresh"
+            )
         return None
     path = Path(resume)
     problem = verify(path)
@@ -344,8 +349,9 @@ def _load(path: Path, model, optimizer) -> dict:
     if isinstance(getattr(model, "_tied_weights_keys", None), dict):
         tied = set(model._tied_weights_keys)
     if unexpected or [k for k in missing if k not in tied]:
-        raise UserError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if missing and hasattr(model, "tie_weights"):
         model.tie_weights()
     return _load_rest(path, optimizer)
@@ -359,13 +365,25 @@ def _load_rest(path, optimizer) -> dict:
 
 
 # keys that may differ between a run and its resumption without changing the result
-RESUME_FREE_KEYS = {"resume", "progress_bar", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                    "max_nonfinite_steps", "output_dir", "per_device_eval_batch_size", "max_eval_examples"}
+RESUME_FREE_KEYS = {
+    "resume",
+    "progress_bar",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "max_nonfinite_steps",
+    "output_dir",
+    "per_device_eval_batch_size",
+    "max_eval_examples",
+}
 
 
 def check_resumable(cfg, state, path):
     saved = state.get("config", {})
     diff = [k for k, v in to_dict(cfg).items() if k not in RESUME_FREE_KEYS and k in saved and saved[k] != v]
     if diff:
-        raise UserError(f"{path}: cannot resume: the config differs in {', '.join(diff)} "
-                        f"(checkpoint has {', '.join(f'{k}={saved[k]!r}' for k in diff)})")
+        raise UserError(
+            f"{path}: cannot resume: the config differs in {', '.join(diff)} "
+            f"(checkpoint has {', '.join(f'{k}={saved[k]!r}' for k in diff)})"
+        )

@@ -17,15 +17,21 @@ class DPOStep:
     reference-free losses), then the configured loss (or weighted sum of losses) of losses.py."""
 
     def __init__(self, reference, cfg, lora_reference: bool = False):
-        self.reference = reference          # a frozen model, or None (cached log-probs / LoRA base / none needed)
+        self.reference = reference  # a frozen model, or None (cached log-probs / LoRA base / none needed)
         self.lora_reference = lora_reference  # pi_ref = the policy's base model with its adapters disabled
         self.chunk_size = cfg.logprob_chunk_size
         self.loss_types, self.loss_weights = list(cfg.loss_type), cfg.loss_weights
-        self.needs_reference, self.needs_lengths = requirements(self.loss_types, cfg.reference_free,
-                                                                cfg.ipo_length_normalize)
-        self.hyper = {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "reference_free": cfg.reference_free,
-                      "ipo_length_normalize": cfg.ipo_length_normalize, "simpo_gamma": cfg.simpo_gamma,
-                      "discopop_tau": cfg.discopop_tau}
+        self.needs_reference, self.needs_lengths = requirements(
+            self.loss_types, cfg.reference_free, cfg.ipo_length_normalize
+        )
+        self.hyper = {
+            "beta": cfg.beta,
+            "label_smoothing": cfg.label_smoothing,
+            "reference_free": cfg.reference_free,
+            "ipo_length_normalize": cfg.ipo_length_normalize,
+            "simpo_gamma": cfg.simpo_gamma,
+            "discopop_tau": cfg.discopop_tau,
+        }
         self.beta = cfg.beta
         # BCO's reward shift delta: a running mean of the implicit rewards over training (saved in checkpoints)
         self.bco_mean = RewardMean() if "bco_pair" in self.loss_types else None
@@ -46,7 +52,7 @@ class DPOStep:
     def __call__(self, policy, batch):
         B = batch["num_examples"]
         logps, n_tokens = sequence_logps(policy, batch, chunk_size=self.chunk_size)  # (2B,), (2B,)
-        ref = self.reference_logps(policy, batch)                    # (2B,) or None
+        ref = self.reference_logps(policy, batch)  # (2B,) or None
         kwargs = dict(self.hyper)
         if self.needs_lengths:
             kwargs.update(chosen_lengths=n_tokens[:B].float(), rejected_lengths=n_tokens[B:].float())
@@ -58,8 +64,14 @@ class DPOStep:
                 self.bco_mean.update(torch.full((int(total[1]),), (total[0] / total[1]).item()))
             kwargs["bco_delta"] = self.bco_mean.mean
         losses, chosen_rewards, rejected_rewards = combined_loss(
-            self.loss_types, self.loss_weights, logps[:B], logps[B:],
-            None if ref is None else ref[:B], None if ref is None else ref[B:], **kwargs)
+            self.loss_types,
+            self.loss_weights,
+            logps[:B],
+            logps[B:],
+            None if ref is None else ref[:B],
+            None if ref is None else ref[B:],
+            **kwargs,
+        )
         margins = chosen_rewards - rejected_rewards
         metrics = {
             "rewards/chosen": chosen_rewards,
@@ -115,7 +127,7 @@ def policy_weights(policy) -> dict:
     named = list(base.named_parameters()) + [(k, v) for k, v in base.named_buffers() if v.is_floating_point()]
     for name, tensor in named:
         parts = name.split(".")
-        if any(part.startswith("lora_") for part in parts):   # the adapters themselves
+        if any(part.startswith("lora_") for part in parts):  # the adapters themselves
             continue
         if "base_layer" in parts:
             owner = ".".join(parts[: parts.index("base_layer")])
@@ -131,6 +143,7 @@ def collate_with_reference(pairs, collate):
     """The layout's batch, plus the pairs' cached reference log-probs when every pair has them."""
     batch = collate(pairs)
     if all(getattr(p, "reference_logps", None) is not None for p in pairs):
-        batch["reference_logps"] = torch.tensor([p.reference_logps[0] for p in pairs] +
-                                                [p.reference_logps[1] for p in pairs])
+        batch["reference_logps"] = torch.tensor(
+            [p.reference_logps[0] for p in pairs] + [p.reference_logps[1] for p in pairs]
+        )
     return batch

@@ -29,12 +29,18 @@ class KTOExample(TokenizedPair):
 
 def load_kto_split(cfg, tokenizer, source, split) -> list:
     rows, label, fmt = load_unpaired(source, split)
-    pairs, stats = tokenize_dataset(tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length,
-                                    cfg.truncation_mode, completions=True)
+    pairs, stats = tokenize_dataset(
+        tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode, completions=True
+    )
     labels = {row: ex["label"] for row, ex in rows}
     out = [KTOExample(p.prompt_ids, p.chosen_ids, labels[p.row], p.row) for p in pairs]
-    log.info("%s (%s, unpaired): %s, %d desirable", label, fmt, stats.summary().replace("pairs", "examples"),
-             sum(e.label for e in out))
+    log.info(
+        "%s (%s, unpaired): %s, %d desirable",
+        label,
+        fmt,
+        stats.summary().replace("pairs", "examples"),
+        sum(e.label for e in out),
+    )
     return out
 
 
@@ -42,10 +48,14 @@ def collate_kto(examples: list, pad_id: int) -> dict:
     """B examples -> the paired layout with each prompt's mismatched completion (the next example's) as
     the second half, plus labels (B,)."""
     if len(examples) < 2:
-        raise UserError("kto needs per_device_train_batch_size >= 2 (the KL estimate pairs each prompt "
-                        "with another example's completion)")
+        raise UserError(
+            "kto needs per_device_train_batch_size >= 2 (the KL estimate pairs each prompt "
+            "with another example's completion)"
+        )
     B = len(examples)
-    mixed = [TokenizedPair(e.prompt_ids, e.chosen_ids, examples[(i + 1) % B].chosen_ids) for i, e in enumerate(examples)]
+    mixed = [
+        TokenizedPair(e.prompt_ids, e.chosen_ids, examples[(i + 1) % B].chosen_ids) for i, e in enumerate(examples)
+    ]
     batch = collate_padded(mixed, pad_id)
     batch["labels"] = torch.tensor([e.label for e in examples])
     return batch
@@ -60,16 +70,22 @@ class KTOStep:
 
     def __call__(self, policy, batch):
         B = batch["num_examples"]
-        logps, _ = sequence_logps(policy, batch)                      # (2B,): matched, then mismatched
+        logps, _ = sequence_logps(policy, batch)  # (2B,): matched, then mismatched
         with torch.no_grad():
             ref = sequence_logps(self.reference, batch)[0]
             # z0 from every rank's mismatched pairs, so all ranks share one reference point
-            kl_sum = all_reduce_sum(torch.stack([(logps[B:] - ref[B:]).sum().detach().cpu(),
-                                                      torch.tensor(float(B))]))
+            kl_sum = all_reduce_sum(torch.stack([(logps[B:] - ref[B:]).sum().detach().cpu(), torch.tensor(float(B))]))
             z0 = kto_reference_point(kl_sum[0:1] / kl_sum[1], torch.zeros(1))
         labels = batch["labels"].to(logps.device)
-        losses, rewards = kto_loss(logps[:B], ref[:B], labels, z0, beta=self.beta,
-                                   desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+        losses, rewards = kto_loss(
+            logps[:B],
+            ref[:B],
+            labels,
+            z0,
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+        )
         good, bad = labels.float(), (~labels).float()
         metrics = {
             # means over the desirable (resp. undesirable) examples only: (values, mask) pairs

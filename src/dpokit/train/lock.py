@@ -29,8 +29,10 @@ LOCK_NAME = ".dpokit.lock"
 def _owner_text(owner: dict) -> str:
     if not owner:
         return "another dpokit run (owner unknown)"
-    return (f"another dpokit run (pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, "
-            f"started {owner.get('started', '?')})")
+    return (
+        f"another dpokit run (pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, "
+        f"started {owner.get('started', '?')})"
+    )
 
 
 def _read_owner(path: Path) -> dict:
@@ -52,8 +54,9 @@ def _pid_alive(pid) -> bool:
 
 
 def _busy_error(out_dir, owner: dict) -> UserError:
-    return UserError(f"{out_dir}: output_dir is in use by {_owner_text(owner)}; wait for it to finish or "
-                     f"choose another output_dir")
+    return UserError(
+        f"{out_dir}: output_dir is in use by {_owner_text(owner)}; wait for it to finish or choose another output_dir"
+    )
 
 
 def check_free(out_dir):
@@ -110,11 +113,14 @@ class RunLock:
             raise UserError(f"{self.path}: cannot take the output_dir lock (the file keeps changing)")
         previous = _read_owner(self.path)
         if previous and previous.get("pid") != os.getpid():
-            log.warning("%s: taking over a stale lock of pid %s on host %s (started %s), which is no longer "
-                        "running", self.path, previous.get("pid", "?"), previous.get("host", "?"),
-                        previous.get("started", "?"))
-        owner = {"pid": os.getpid(), "host": socket.gethostname(),
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            log.warning(
+                "%s: taking over a stale lock of pid %s on host %s (started %s), which is no longer running",
+                self.path,
+                previous.get("pid", "?"),
+                previous.get("host", "?"),
+                previous.get("started", "?"),
+            )
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, (json.dumps(owner) + "\n").encode(), 0)
         os.fsync(self.fd)

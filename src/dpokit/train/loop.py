@@ -61,7 +61,7 @@ def forward_backward(model, step, micro_batches: list, ranks: Ranks, precision: 
         batch = to_device(batch, ranks.device)
         tokens += int(batch["num_tokens"])
         sync = ranks.world == 1 or i == len(micro_batches) - 1
-        with (contextlib.nullcontext() if sync else model.no_sync()), autocast(ranks.device, precision):
+        with contextlib.nullcontext() if sync else model.no_sync(), autocast(ranks.device, precision):
             losses, metrics = step(model, batch)
             loss = losses.sum() / n_step
         loss.backward()
@@ -75,10 +75,10 @@ def evaluate(model, step, collate, examples, cfg, ranks: Ranks) -> dict:
     was_training = model.training
     model.eval()
     sums = MetricSums()
-    mine = list(range(len(examples)))[ranks.rank::ranks.world]
+    mine = list(range(len(examples)))[ranks.rank :: ranks.world]
     bs = cfg.per_device_eval_batch_size
     for i in range(0, len(mine), bs):
-        chunk = [examples[j] for j in mine[i: i + bs]]
+        chunk = [examples[j] for j in mine[i : i + bs]]
         batch = to_device(collate(chunk), ranks.device)
         with autocast(ranks.device, cfg.precision):
             losses, metrics = step(model, batch)
@@ -100,8 +100,9 @@ def check_output_dir(cfg, n_params: int = 0):
         need = n_params * 4 * 3  # fp32 weights + two optimizer moments, written next to the previous checkpoint
         free = shutil.disk_usage(p).free
         if free < need:
-            raise UserError(f"{cfg.output_dir}: only {free / 2**30:.2f} GiB free, a checkpoint needs "
-                            f"about {need / 2**30:.2f} GiB")
+            raise UserError(
+                f"{cfg.output_dir}: only {free / 2**30:.2f} GiB free, a checkpoint needs about {need / 2**30:.2f} GiB"
+            )
 
 
 class StopSignal:
@@ -128,8 +129,9 @@ class StopSignal:
             signal.signal(s, h)
 
 
-def train(cfg, model, step, train_examples, eval_examples, collate, ranks: Ranks, save_fn=None, callbacks=(),
-          plot_keys=()) -> TrainResult:
+def train(
+    cfg, model, step, train_examples, eval_examples, collate, ranks: Ranks, save_fn=None, callbacks=(), plot_keys=()
+) -> TrainResult:
     """Run the optimisation described by `cfg`; checkpoint every save_steps and at the end; save the
     final model to cfg.output_dir (rank 0). Resumes from a checkpoint when cfg.resume says so.
     `callbacks` watch the run (train/callbacks.py); rank 0 adds the progress bar, metrics.jsonl and,
@@ -170,12 +172,16 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
     raw_model = model
     if ranks.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
+            model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
     per_epoch = micro_batches_per_epoch(len(train_examples), cfg.per_device_train_batch_size, ranks)
-    total = cfg.max_steps if cfg.max_steps > 0 else \
-        max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
+    total = (
+        cfg.max_steps
+        if cfg.max_steps > 0
+        else max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
 
     window, window_tokens, grad_norms, start_step = MetricSums(), 0, [], 0
@@ -201,18 +207,30 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
     builtin = [Progress(cfg.progress_bar), MetricsFile(out / "metrics.jsonl"), Plot(plot_keys)] if ranks.main else []
     cbs = CallbackList([*builtin, *callbacks])
     state = TrainState(step=start_step, total_steps=total, output_dir=out, is_main=ranks.main, model=raw_model)
-    log.info("training: %d examples, %d optimizer steps of %d x %d x %d examples, %d held-out examples",
-             len(train_examples), total, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-             ranks.world, len(eval_examples or []))
+    log.info(
+        "training: %d examples, %d optimizer steps of %d x %d x %d examples, %d held-out examples",
+        len(train_examples),
+        total,
+        cfg.per_device_train_batch_size,
+        cfg.gradient_accumulation_steps,
+        ranks.world,
+        len(eval_examples or []),
+    )
 
     def run_eval(step_no):
         if eval_examples:
             cbs.on_evaluate(state, {"step": step_no, **evaluate(model, step, collate, eval_examples, cfg, ranks)})
 
     def save_checkpoint(step_no):
-        saved = {"scheduler": scheduler.state_dict(), "micro_batches": step_no * cfg.gradient_accumulation_steps,
-                 "window": window.state(), "window_tokens": window_tokens, "grad_norms": grad_norms,
-                 "config": to_dict(cfg), "step_state": step.state_dict() if hasattr(step, "state_dict") else {}}
+        saved = {
+            "scheduler": scheduler.state_dict(),
+            "micro_batches": step_no * cfg.gradient_accumulation_steps,
+            "window": window.state(),
+            "window_tokens": window_tokens,
+            "grad_norms": grad_norms,
+            "config": to_dict(cfg),
+            "step_state": step.state_dict() if hasattr(step, "state_dict") else {},
+        }
         if not all_finite(raw_model.parameters()):  # (never: every step checks; a checkpoint must not be the first)
             raise UserError(f"step {step_no}: refusing to save a checkpoint of non-finite weights")
 
@@ -220,6 +238,7 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
             save_fn(raw_model, directory)
             if hasattr(step, "save_state"):
                 step.save_state(directory)
+
         path = None
         if ranks.main and save_fn:
             path = checkpoint.save_checkpoint(out, step_no, write, optimizer, saved, cfg.save_total_limit)
@@ -236,10 +255,18 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
             return
         elapsed = time.perf_counter() - window_t0
         tokens_all = all_reduce_sum(torch.tensor(float(window_tokens))).item()
-        cbs.on_log(state, {"step": step_no, "epoch": round(step_no * cfg.gradient_accumulation_steps / per_epoch, 4),
-                           **window.means(), "grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
-                           "learning_rate": lr, "tokens_per_second": tokens_all / elapsed,
-                           "peak_memory_mb": peak_memory_mb(ranks.device)})
+        cbs.on_log(
+            state,
+            {
+                "step": step_no,
+                "epoch": round(step_no * cfg.gradient_accumulation_steps / per_epoch, 4),
+                **window.means(),
+                "grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
+                "learning_rate": lr,
+                "tokens_per_second": tokens_all / elapsed,
+                "peak_memory_mb": peak_memory_mb(ranks.device),
+            },
+        )
         window, window_tokens, window_t0, grad_norms = MetricSums(), 0, time.perf_counter(), []
 
     def stop_requested() -> bool:
@@ -251,13 +278,20 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
         cbs.on_train_begin(state)
         if start_step == 0:
             run_eval(0)
-        stream = micro_batches(len(train_examples), cfg.per_device_train_batch_size, cfg.seed, ranks,
-                               start=start_step * cfg.gradient_accumulation_steps)
+        stream = micro_batches(
+            len(train_examples),
+            cfg.per_device_train_batch_size,
+            cfg.seed,
+            ranks,
+            start=start_step * cfg.gradient_accumulation_steps,
+        )
         nonfinite, end = 0, total
         with StopSignal() as stop:
             for step_no in range(start_step + 1, total + 1):
-                micro = [collate([train_examples[j] for j in idx])
-                         for idx in (next(stream) for _ in range(cfg.gradient_accumulation_steps))]
+                micro = [
+                    collate([train_examples[j] for j in idx])
+                    for idx in (next(stream) for _ in range(cfg.gradient_accumulation_steps))
+                ]
                 step_sums = MetricSums()
                 tokens = forward_backward(model, step, micro, ranks, cfg.precision, step_sums)
                 clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -268,9 +302,11 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
                     optimizer.step()
                     if not all_finite(params):  # finite gradients, yet e.g. a huge learning_rate overflowed
                         last = checkpoint.list_checkpoints(out)
-                        raise UserError(f"stopped at step {step_no}: the optimizer step made the weights non-finite "
-                                        f"(lower learning_rate); nothing of this step was saved; last good "
-                                        f"checkpoint: {last[-1] if last else 'none'}")
+                        raise UserError(
+                            f"stopped at step {step_no}: the optimizer step made the weights non-finite "
+                            f"(lower learning_rate); nothing of this step was saved; last good "
+                            f"checkpoint: {last[-1] if last else 'none'}"
+                        )
                     if hasattr(step, "after_optimizer_step"):
                         step.after_optimizer_step(step_no, raw_model)
                     nonfinite = 0
@@ -279,13 +315,22 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
                     grad_norms.append(grad_norm)
                 else:  # skip the update, keep the schedule moving so a resumed run stays in step
                     nonfinite += 1
-                    cbs.on_log(state, {"step": step_no, "skipped": "non-finite loss or gradient",
-                                       "loss": step_loss, "grad_norm": grad_norm})
+                    cbs.on_log(
+                        state,
+                        {
+                            "step": step_no,
+                            "skipped": "non-finite loss or gradient",
+                            "loss": step_loss,
+                            "grad_norm": grad_norm,
+                        },
+                    )
                     if nonfinite >= cfg.max_nonfinite_steps:
                         last = checkpoint.list_checkpoints(out)
-                        raise UserError(f"stopped at step {step_no}: {nonfinite} steps in a row with a non-finite "
-                                        f"loss or gradient (lower learning_rate or use fp32); last good checkpoint: "
-                                        f"{last[-1] if last else 'none'}")
+                        raise UserError(
+                            f"stopped at step {step_no}: {nonfinite} steps in a row with a non-finite "
+                            f"loss or gradient (lower learning_rate or use fp32); last good checkpoint: "
+                            f"{last[-1] if last else 'none'}"
+                        )
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 fault_point(f"step:{step_no}")
@@ -312,8 +357,9 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
             if ranks.main and save_fn:
                 if not all_finite(raw_model.parameters()):
                     raise UserError(f"refusing to save non-finite weights to {out}")
-                raw_model = checkpoint.save_final(out, lambda d: save_fn(raw_model, d, final=True), last) \
-                    or raw_model  # (a LoRA model comes back merged)
+                raw_model = (
+                    checkpoint.save_final(out, lambda d: save_fn(raw_model, d, final=True), last) or raw_model
+                )  # (a LoRA model comes back merged)
                 state.model = raw_model
             cbs.on_train_end(state)
     finally:

@@ -51,8 +51,10 @@ class MetricSums:
         if not self.sums:
             return {}
         keys = sorted(self.sums)
-        t = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32) for k in keys] +
-                        [torch.tensor(float(self.counts[k])) for k in keys])
+        t = torch.stack(
+            [torch.as_tensor(self.sums[k], dtype=torch.float32) for k in keys]
+            + [torch.tensor(float(self.counts[k])) for k in keys]
+        )
         t = all_reduce_sum(t.cpu())
         n = len(keys)
         return {k: (t[i] / t[n + i]).item() for i, k in enumerate(keys) if t[n + i] > 0}
@@ -76,8 +78,12 @@ def truncate_metrics(path: Path, step: int, drop_eval: bool = False):
         except ValueError:
             row = None
         if not isinstance(row, dict) or not isinstance(row.get("step", 0), (int, float)):
-            log.warning("%s: line %d is not a metrics row (%s), dropped", path, i,
-                        "torn by a kill mid-write" if i == len(lines) else "damaged")
+            log.warning(
+                "%s: line %d is not a metrics row (%s), dropped",
+                path,
+                i,
+                "torn by a kill mid-write" if i == len(lines) else "damaged",
+            )
             continue
         row_step = row.get("step", 0)
         if row_step > step:

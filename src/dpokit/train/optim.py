@@ -15,6 +15,7 @@ def build_optimizer(cfg, params):
 
 def lr_lambda(cfg, total_steps: int):
     """Linear warmup to the peak, then constant / linear decay to 0 / cosine decay to 0."""
+
     def f(step):
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
@@ -24,4 +25,5 @@ def lr_lambda(cfg, total_steps: int):
         if cfg.lr_scheduler == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return f

@@ -17,8 +17,8 @@ def micro_batches(n: int, batch_size: int, seed: int, ranks: Ranks, start: int =
     epoch, skip = divmod(start, per_epoch)
     while True:
         g = torch.Generator().manual_seed(seed + epoch)
-        order = torch.randperm(n, generator=g)[ranks.rank::ranks.world].tolist()
-        chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+        order = torch.randperm(n, generator=g)[ranks.rank :: ranks.world].tolist()
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         yield from chunks[skip:]
         epoch, skip = epoch + 1, 0
 

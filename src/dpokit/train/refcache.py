@@ -66,8 +66,9 @@ def reference_settings(cfg, device, batch_size: int) -> str:
 
 
 @torch.no_grad()
-def compute_reference_logps(reference, examples, pad_id, batch_size, device, precision, chunk_size=None,
-                            layout="padded"):
+def compute_reference_logps(
+    reference, examples, pad_id, batch_size, device, precision, chunk_size=None, layout="padded"
+):
     """(chosen (N,), rejected (N,)) log-probs of the reference on every pair, batch_size pairs at a time
     in order, in the given layout and precision, as training computes them (see the module docstring for
     how close to a live reference that comes)."""
@@ -76,12 +77,12 @@ def compute_reference_logps(reference, examples, pad_id, batch_size, device, pre
     reference.eval()
     chosen, rejected = [], []
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
+        chunk = examples[i : i + batch_size]
         batch = to_device(collate(chunk), device)
         with autocast(device, precision):
             logps = sequence_logps(reference, batch, chunk_size=chunk_size)[0].float().cpu()
         chosen.append(logps[: len(chunk)])
-        rejected.append(logps[len(chunk):])
+        rejected.append(logps[len(chunk) :])
     reference.train(was_training)
     return torch.cat(chosen), torch.cat(rejected)
 
@@ -111,8 +112,9 @@ def attach_reference_logps(reference, examples, cfg, pad_id, device, use_disk_ca
             attach(examples, cached["chosen"], cached["rejected"])
             log.info("reference log-probs of %d pairs from the cache (%s)", len(examples), path.name)
             return
-    chosen, rejected = compute_reference_logps(reference, examples, pad_id, batch_size, device, cfg.precision,
-                                               cfg.logprob_chunk_size, layout)
+    chosen, rejected = compute_reference_logps(
+        reference, examples, pad_id, batch_size, device, cfg.precision, cfg.logprob_chunk_size, layout
+    )
     attach(examples, chosen, rejected)
     if path is not None:
         from safetensors.torch import save_file

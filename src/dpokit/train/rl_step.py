@@ -26,14 +26,18 @@ from dpokit.train.runtime import all_reduce_sum
 
 @dataclass
 class PromptExample:
-    prompt: typing.Any          # as in the data (string or messages): what the reward function is given
+    prompt: typing.Any  # as in the data (string or messages): what the reward function is given
     prompt_ids: list
     row: int = 0
 
 
 def collate_prompts(examples: list) -> dict:
-    return {"prompt_ids": [e.prompt_ids for e in examples], "prompts": [e.prompt for e in examples],
-            "num_examples": len(examples), "num_tokens": sum(len(e.prompt_ids) for e in examples)}
+    return {
+        "prompt_ids": [e.prompt_ids for e in examples],
+        "prompts": [e.prompt for e in examples],
+        "num_examples": len(examples),
+        "num_tokens": sum(len(e.prompt_ids) for e in examples),
+    }
 
 
 def response_batch(prompt_ids: list, responses: list, pad_id: int, device) -> dict:
@@ -42,13 +46,16 @@ def response_batch(prompt_ids: list, responses: list, pad_id: int, device) -> di
     `targets` (N, R), `mask` (N, R)."""
     seqs = [p + r for p, r in zip(prompt_ids, responses)]
     R = max(len(r) for r in responses)
-    positions = torch.tensor([[len(p) - 1 + min(j, len(r) - 1) for j in range(R)]
-                              for p, r in zip(prompt_ids, responses)])
-    return {"input_ids": pad_right(seqs, pad_id).to(device),
-            "attention_mask": pad_right([[1] * len(s) for s in seqs], 0).to(device),
-            "positions": positions.to(device),
-            "targets": pad_right(responses, pad_id).to(device),
-            "mask": pad_right([[1] * len(r) for r in responses], 0).float().to(device)}
+    positions = torch.tensor(
+        [[len(p) - 1 + min(j, len(r) - 1) for j in range(R)] for p, r in zip(prompt_ids, responses)]
+    )
+    return {
+        "input_ids": pad_right(seqs, pad_id).to(device),
+        "attention_mask": pad_right([[1] * len(s) for s in seqs], 0).to(device),
+        "positions": positions.to(device),
+        "targets": pad_right(responses, pad_id).to(device),
+        "mask": pad_right([[1] * len(r) for r in responses], 0).float().to(device),
+    }
 
 
 def token_stats(model, seqs: dict, temperature: float = 1.0, value_head: bool = False) -> dict:
@@ -62,26 +69,32 @@ def token_stats(model, seqs: dict, temperature: float = 1.0, value_head: bool = 
     rounding (precision fp32 removes it)."""
     inner = unwrap(model)
     hidden = []
-    hook = inner.get_output_embeddings().register_forward_pre_hook(lambda m, args: hidden.append(args[0])) \
-        if value_head else None
-    T, pos = seqs["input_ids"].shape[1], seqs["positions"]                                 # pos: (N, R)
+    hook = (
+        inner.get_output_embeddings().register_forward_pre_hook(lambda m, args: hidden.append(args[0]))
+        if value_head
+        else None
+    )
+    T, pos = seqs["input_ids"].shape[1], seqs["positions"]  # pos: (N, R)
     extra = {}
     if "logits_to_keep" in inspect.signature(inner.forward).parameters:
-        keep = T - int(pos.min())           # no logits (nor value-head inputs) for the prompts' positions
+        keep = T - int(pos.min())  # no logits (nor value-head inputs) for the prompts' positions
         extra, pos = {"logits_to_keep": keep}, pos - (T - keep)
     try:
-        with fp32_output_layer(model):        # (after the value head's hook: that one sees every position)
-            logits = model(input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"], use_cache=False,
-                           **extra).logits                                                   # (N, K, V) fp32
+        with fp32_output_layer(model):  # (after the value head's hook: that one sees every position)
+            logits = model(
+                input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"], use_cache=False, **extra
+            ).logits  # (N, K, V) fp32
     finally:
         if hook is not None:
             hook.remove()
     picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature  # (N, R, V)
-    logp_all = picked - picked.logsumexp(-1, keepdim=True)    # not log_softmax: see logprobs.token_logps
-    out = {"logps": logp_all.gather(-1, seqs["targets"][..., None]).squeeze(-1),
-           "entropy": -(logp_all.exp() * logp_all).sum(-1).detach()}
+    logp_all = picked - picked.logsumexp(-1, keepdim=True)  # not log_softmax: see logprobs.token_logps
+    out = {
+        "logps": logp_all.gather(-1, seqs["targets"][..., None]).squeeze(-1),
+        "entropy": -(logp_all.exp() * logp_all).sum(-1).detach(),
+    }
     if value_head:
-        h = hidden[0].gather(1, pos[..., None].expand(-1, -1, hidden[0].shape[-1]))        # (N, R, H)
+        h = hidden[0].gather(1, pos[..., None].expand(-1, -1, hidden[0].shape[-1]))  # (N, R, H)
         out["values"] = inner.value_head(h.to(inner.value_head.weight.dtype)).squeeze(-1).float()
     return out
 
@@ -94,9 +107,9 @@ class RLStep:
         self.ppo = cfg.algorithm == "ppo"
         self.k = cfg.num_samples_per_prompt
         self.kl = KLController(cfg.kl_coef, cfg.target_kl if cfg.adaptive_kl else None, cfg.kl_horizon)
-        self.calls = 0              # training micro-batches seen: which rollout is in use, and when to make one
-        self.rollouts = {}          # micro-batch index within an optimizer step -> its rollout
-        self.kl_sums = [0.0, 0]     # this optimizer step's new rollouts: sum of sequence KLs, count
+        self.calls = 0  # training micro-batches seen: which rollout is in use, and when to make one
+        self.rollouts = {}  # micro-batch index within an optimizer step -> its rollout
+        self.kl_sums = [0.0, 0]  # this optimizer step's new rollouts: sum of sequence KLs, count
 
     # --- rollouts -----------------------------------------------------------------------------------------
 
@@ -104,13 +117,14 @@ class RLStep:
     def rollout(self, model, batch) -> dict:
         cfg, tok, k = self.cfg, self.tokenizer, self.k
         policy = unwrap(model)
-        prompt_ids = [p for p in batch["prompt_ids"] for _ in range(k)]                  # N = B k
+        prompt_ids = [p for p in batch["prompt_ids"] for _ in range(k)]  # N = B k
         prompts = [p for p in batch["prompts"] for _ in range(k)]
-        responses = sample_responses(policy, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature,
-                                     top_p=1.0, top_k=0, batch_size=len(prompt_ids))
+        responses = sample_responses(
+            policy, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, top_p=1.0, top_k=0, batch_size=len(prompt_ids)
+        )
         device = next(policy.parameters()).device
         texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
-        scores = torch.tensor([float(s) for s in self.reward_fn(prompts, texts)], device=device)   # (N,)
+        scores = torch.tensor([float(s) for s in self.reward_fn(prompts, texts)], device=device)  # (N,)
         finished = torch.tensor([r[-1] == tok.eos_token_id for r in responses], device=device)
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~finished).float()
@@ -122,19 +136,26 @@ class RLStep:
         if self.ppo:
             advantages, returns = gae(rewards, own["values"], mask, cfg.gamma, cfg.lam)
         else:
-            sequence_rewards = (rewards * mask).sum(-1)                                      # r - beta KL, (N,)
+            sequence_rewards = (rewards * mask).sum(-1)  # r - beta KL, (N,)
             advantages = rloo_advantages(sequence_rewards.view(-1, k)).view(-1, 1) * mask
             returns = None
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
-        out = {**seqs, "old_logps": own["logps"], "advantages": advantages, "scores": scores,
-               "kl": kl.sum(-1), "kl_coef": torch.full_like(scores, self.kl.value), "lengths": mask.sum(-1)}
+        out = {
+            **seqs,
+            "old_logps": own["logps"],
+            "advantages": advantages,
+            "scores": scores,
+            "kl": kl.sum(-1),
+            "kl_coef": torch.full_like(scores, self.kl.value),
+            "lengths": mask.sum(-1),
+        }
         if self.ppo:
             out.update(old_values=own["values"], returns=returns)
         return out
 
     def per_prompt(self, x):
-        return x.view(-1, self.k).mean(-1)                                                  # (B k,) -> (B,)
+        return x.view(-1, self.k).mean(-1)  # (B k,) -> (B,)
 
     # --- the step -----------------------------------------------------------------------------------------
 
@@ -153,17 +174,25 @@ class RLStep:
         r = self.rollouts[micro]
         mask = r["mask"]
         now = token_stats(model, r, self.cfg.temperature, value_head=self.ppo)
-        policy_loss, clipfrac, approx_kl = ppo_policy_loss(now["logps"], r["old_logps"], r["advantages"], mask,
-                                                           self.cfg.cliprange)
+        policy_loss, clipfrac, approx_kl = ppo_policy_loss(
+            now["logps"], r["old_logps"], r["advantages"], mask, self.cfg.cliprange
+        )
         loss = policy_loss
         metrics = {"policy_loss": policy_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl}
         if self.ppo:
-            value_loss, value_clipfrac = ppo_value_loss(now["values"], r["old_values"], r["returns"], mask,
-                                                        self.cfg.cliprange_value)
+            value_loss, value_clipfrac = ppo_value_loss(
+                now["values"], r["old_values"], r["returns"], mask, self.cfg.cliprange_value
+            )
             loss = loss + self.cfg.vf_coef * value_loss
             metrics.update(value_loss=value_loss.detach(), value_clipfrac=value_clipfrac)
-        metrics.update(reward=r["scores"], kl=r["kl"], non_score_reward=-r["kl_coef"] * r["kl"], kl_coef=r["kl_coef"],
-                       entropy=masked_mean(now["entropy"], mask, -1), response_length=r["lengths"])
+        metrics.update(
+            reward=r["scores"],
+            kl=r["kl"],
+            non_score_reward=-r["kl_coef"] * r["kl"],
+            kl_coef=r["kl_coef"],
+            entropy=masked_mean(now["entropy"], mask, -1),
+            response_length=r["lengths"],
+        )
         return self.per_prompt(loss), {k: self.per_prompt(v) for k, v in metrics.items()}
 
     @torch.no_grad()
@@ -194,8 +223,10 @@ class RLStep:
     def save_state(self, directory):
         """The rollouts still in use (ppo_epochs > 1) are part of the run's state."""
         if self.rollouts:
-            torch.save({str(m): {k: v.cpu() for k, v in r.items()} for m, r in self.rollouts.items()},
-                       Path(directory) / "rollouts.pt")
+            torch.save(
+                {str(m): {k: v.cpu() for k, v in r.items()} for m, r in self.rollouts.items()},
+                Path(directory) / "rollouts.pt",
+            )
 
     def load_state(self, directory):
         path = Path(directory) / "rollouts.pt"

@@ -13,13 +13,16 @@ class RewardStep:
 
     def __call__(self, model, batch):
         B = batch["num_examples"]
-        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])     # (2B,)
+        rewards = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])  # (2B,)
         chosen, rejected = rewards[:B], rewards[B:]
         losses = bradley_terry_loss(chosen, rejected)
         if self.center:
             losses = losses + self.center * (chosen + rejected) ** 2
         margins = (chosen - rejected).detach()
-        metrics = {"accuracy": (margins > 0).float() + 0.5 * (margins == 0).float(),
-                   "rewards/chosen": chosen.detach(), "rewards/rejected": rejected.detach(),
-                   "rewards/margins": margins}
+        metrics = {
+            "accuracy": (margins > 0).float() + 0.5 * (margins == 0).float(),
+            "rewards/chosen": chosen.detach(),
+            "rewards/rejected": rejected.detach(),
+            "rewards/margins": margins,
+        }
         return losses, metrics

@@ -21,11 +21,16 @@ def collate_sft(examples: list, pad_id: int, packed: bool = False) -> dict:
             blocks.append(b)
         return assemble(blocks, pad_id, packed=True, layout="packed", num_examples=B)
     seqs = [e.prompt_ids + e.chosen_ids for e in examples]
-    input_ids = pad_right(seqs, pad_id)                                               # (B, T)
+    input_ids = pad_right(seqs, pad_id)  # (B, T)
     attention_mask = pad_right([[1] * len(s) for s in seqs], 0)
     loss_mask = pad_right([[0] * len(e.prompt_ids) + [1] * len(e.chosen_ids) for e in examples], 0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "num_examples": B, "num_tokens": int(attention_mask.sum())}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "num_examples": B,
+        "num_tokens": int(attention_mask.sum()),
+    }
 
 
 class SFTStep:
@@ -36,14 +41,14 @@ class SFTStep:
 
     def __call__(self, model, batch):
         B = batch["num_examples"]
-        positions, targets, sequences = response_targets(batch)                        # each (M,)
+        positions, targets, sequences = response_targets(batch)  # each (M,)
         inputs = model_inputs(model, batch)
         if self.chunk_size is None:
-            token_logps = token_logps_from_logits(model, inputs, positions, targets)   # (M,)
+            token_logps = token_logps_from_logits(model, inputs, positions, targets)  # (M,)
         else:
             token_logps = chunked_token_logps(model, inputs, positions, targets, self.chunk_size)
         nll = torch.zeros(B, dtype=torch.float32, device=token_logps.device).index_add(0, sequences, -token_logps)
-        n_tokens = torch.bincount(sequences, minlength=B).float()                     # (B,)
+        n_tokens = torch.bincount(sequences, minlength=B).float()  # (B,)
         mean_nll = nll / n_tokens
         losses = mean_nll if self.normalization == "sequence" else nll
         # (values, weights): the window's mean is sum(NLL) / sum(tokens), the per-token NLL
