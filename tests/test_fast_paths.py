@@ -81,10 +81,8 @@ def test_precomputed_reference_is_cached_across_a_beta_sweep(padded_run, tiny_mo
     assert len(files) == 1 and references == [None]  # no reference model in memory while training
     stamp = files[0].stat().st_mtime_ns
     calls = []
-    real_compute = dpo.refcache.compute_reference_logps
-    monkeypatch.setattr(
-        dpo.refcache, "compute_reference_logps", lambda *a, **k: calls.append(1) or real_compute(*a, **k)
-    )
+    real_compute = dpo.refcache.pair_logps
+    monkeypatch.setattr(dpo.refcache, "pair_logps", lambda *a, **k: calls.append(1) or real_compute(*a, **k))
     run_dpo(tiny_model_dir, data, tmp_path / "b2", precompute_ref_log_probs=True, beta=0.5)
     assert calls == [1]  # held-out pairs only; the training pairs came from the cache
     assert list((tmp_path / "cache" / "ref_logps").iterdir()) == files and files[0].stat().st_mtime_ns == stamp

@@ -242,10 +242,10 @@ def test_cached_reference_uses_the_training_batch_size(monkeypatch):
     """Training data is cached in batches of per_device_train_batch_size (training's batch shapes), not
     of the evaluation's; held-out data in the evaluation's."""
     sizes = []
-    real = refcache.compute_reference_logps
+    real = refcache.pair_logps
     monkeypatch.setattr(
         refcache,
-        "compute_reference_logps",
+        "pair_logps",
         lambda ref, ex, pad, batch_size, *a, **k: sizes.append(batch_size) or real(ref, ex, pad, batch_size, *a, **k),
     )
     model = peaked_llama(97)

@@ -58,6 +58,12 @@ def average_logps(logps, lengths, name):
     return logps / lengths.to(logps.dtype).clamp(min=1)
 
 
+def preference_accuracy(margins: torch.Tensor) -> torch.Tensor:
+    """(B,) reward margins r(y_w) - r(y_l) -> (B,) 1 where the chosen response wins, 1/2 on a tie, 0
+    otherwise: the reference (every implicit reward 0) sits at chance, 0.5."""
+    return (margins > 0).float() + 0.5 * (margins == 0).float()
+
+
 def log1mexp(x):
     """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler, 2012)."""
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

@@ -193,6 +193,11 @@ def add_lora(model, cfg):
         raise UserError(f"key 'lora_target_modules': {str(e).splitlines()[0]}") from None
 
 
+def unwrap_ddp(model):
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
@@ -202,7 +207,7 @@ def save_model(model, tokenizer, out_dir: Path, merge_lora: bool = False):
 
     A LoRA model is saved as its adapter (checkpoints, to resume from), or with merge_lora merged into
     a plain model (the final output, which needs no peft to load); the merged model is returned."""
-    model = getattr(model, "module", model)  # unwrap DDP
+    model = unwrap_ddp(model)
     if merge_lora and is_peft(model):
         model = model.merge_and_unload()
     model.save_pretrained(out_dir, safe_serialization=True)

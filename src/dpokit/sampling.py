@@ -4,6 +4,7 @@ samples come from the distribution dpokit scores. Used by `dpokit generate`, `rl
 
 import torch
 
+from dpokit.data.batch import pad_left
 from dpokit.logprobs import fp32_output_layer
 
 
@@ -39,8 +40,7 @@ def sample_responses(
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             T = max(len(p) for p in chunk)
-            input_ids = torch.tensor([[pad] * (T - len(p)) + p for p in chunk], device=device)  # (b, T)
-            attention = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in chunk], device=device)
+            input_ids, attention = (t.to(device) for t in pad_left(chunk, pad))  # (b, T) each
             with fp32_output_layer(model):
                 generated = model.generate(
                     input_ids=input_ids,

@@ -32,9 +32,11 @@ from dpokit.data.load import load_pairs, named
 from dpokit.data.tokenize import TokenizedPair, explicit_prompt, tokenize_dataset
 from dpokit.io import atomic_write_text
 from dpokit.logprobs import sequence_logps
+from dpokit.losses import preference_accuracy
 from dpokit.report import log
 from dpokit.rewards import get_reward_fn
 from dpokit.sampling import device_of, sample_responses
+from dpokit.train.refcache import pair_logps
 from dpokit.train.runtime import autocast, set_seed, to_device
 
 
@@ -76,24 +78,11 @@ def mean_se(xs) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
-@torch.no_grad()
-def pair_logps(model, examples, pad_id, batch_size, precision="fp32"):
-    """Sequence log-probs of every pair -> (chosen (N,), rejected (N,))."""
-    chosen, rejected = [], []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        with autocast(model.device, precision):
-            logps = sequence_logps(model, to_device(collate_padded(chunk, pad_id), model.device))[0].float().cpu()
-        chosen.append(logps[: len(chunk)])
-        rejected.append(logps[len(chunk) :])
-    return torch.cat(chosen), torch.cat(rejected)
-
-
 def implicit_reward_metrics(beta, policy_logps, reference_logps) -> dict:
     chosen_rewards = beta * (policy_logps[0] - reference_logps[0])
     rejected_rewards = beta * (policy_logps[1] - reference_logps[1])
     margins = chosen_rewards - rejected_rewards
-    acc = ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item()
+    acc = preference_accuracy(margins).mean().item()
     return {"implicit_reward_accuracy": acc, "implicit_reward_margin": margins.mean().item()}
 
 
@@ -169,8 +158,8 @@ def evaluate(config=None, *, model=None, ref_model=None, tokenizer=None, dataset
     reference = reference.eval().to(device)
     pad = tokenizer.pad_token_id
     bs = cfg.per_device_eval_batch_size
-    ref_logps = pair_logps(reference, examples, pad, bs, cfg.precision)
-    pol_logps = pair_logps(policy, examples, pad, bs, cfg.precision)
+    ref_logps = pair_logps(reference, examples, pad, bs, device, cfg.precision)
+    pol_logps = pair_logps(policy, examples, pad, bs, device, cfg.precision)
     results = {
         "dataset": label,
         "pairs": len(examples),

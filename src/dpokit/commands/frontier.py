@@ -31,6 +31,7 @@ import yaml
 
 from dpokit.config import opt, resolve_config
 from dpokit.errors import UserError
+from dpokit.io import atomic_write_text
 from dpokit.report import log
 
 
@@ -424,17 +425,17 @@ def frontier(config=None) -> dict:
         raise UserError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
     plot(points, references, out / "frontier.png", cfg.title, reward_names[0])
     md = table(points, references)
-    (out / "frontier.md").write_text(
+    atomic_write_text(
+        out / "frontier.md",
         f"{md}\n\n`front`: on its method's reward/KL Pareto front (no point of "
         "the same method has lower KL and higher reward).\n",
-        encoding="utf-8",
     )
     result = {
         "reward_fn": reward_names[0],
         "references": [asdict(r) for r in references],
         "points": [asdict(p) for pts in by_run(points).values() for p in pts],
     }
-    (out / "frontier.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    atomic_write_text(out / "frontier.json", json.dumps(result, indent=2))
     print(md)
     print(
         f"{len(points)} points from {len(files)} eval results; wrote {out / 'frontier.png'}, "

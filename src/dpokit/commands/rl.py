@@ -166,7 +166,7 @@ def rl(config=None, *, model=None, ref_model=None, tokenizer=None, train_dataset
 
 def _save(model, out_dir, tokenizer, final=False):
     """Checkpoints keep the value head (for resume); the final directory holds the policy alone."""
-    model = getattr(model, "module", model)
+    model = models.unwrap_ddp(model)
     head = getattr(model, "value_head", None)
     if final and head is not None:
         del model.value_head

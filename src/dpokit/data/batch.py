@@ -16,6 +16,15 @@ def pad_right(seqs: list, value: int) -> torch.Tensor:
     return out
 
 
+def pad_left(seqs: list, value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) left-padded ids and their attention mask: what generation is fed (new tokens follow the
+    last column)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.tensor([[value] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
+    return ids, mask
+
+
 def collate_padded(pairs: list, pad_id: int) -> dict:
     """B TokenizedPairs -> {input_ids, attention_mask, loss_mask}: (2B, T) tensors."""
     seqs, masks = [], []

@@ -7,7 +7,14 @@ import torch
 
 from dpokit import models
 from dpokit.logprobs import sequence_logps
-from dpokit.losses import RewardMean, combined_loss, named_weights, requirements, soft_update_reference
+from dpokit.losses import (
+    RewardMean,
+    combined_loss,
+    named_weights,
+    preference_accuracy,
+    requirements,
+    soft_update_reference,
+)
 from dpokit.train.runtime import all_reduce_sum
 
 
@@ -44,7 +51,7 @@ class DPOStep:
             return batch["reference_logps"].to(batch["input_ids"].device)
         with torch.no_grad():
             if self.lora_reference:
-                peft_model = getattr(policy, "module", policy)
+                peft_model = models.unwrap_ddp(policy)
                 with peft_model.disable_adapter():
                     return sequence_logps(peft_model, batch, chunk_size=self.chunk_size)[0]
             return sequence_logps(self.reference, batch, chunk_size=self.chunk_size)[0]
@@ -78,7 +85,7 @@ class DPOStep:
             "rewards/rejected": rejected_rewards,
             "rewards/margins": margins,
             # A tie (the reference itself, or the policy before training) counts half: chance level.
-            "rewards/accuracies": (margins > 0).float() + 0.5 * (margins == 0).float(),
+            "rewards/accuracies": preference_accuracy(margins),
             "logps/chosen": logps[:B].detach(),
             "logps/rejected": logps[B:].detach(),
         }
@@ -116,7 +123,7 @@ class DPOStep:
 def policy_weights(policy) -> dict:
     """{name: tensor} of the policy's weights under a plain model's names. For a LoRA policy the adapted
     layers come merged, W + delta W, computed aside (merging in place and back would round W)."""
-    policy = getattr(policy, "module", policy)  # DDP
+    policy = models.unwrap_ddp(policy)
     if not models.is_peft(policy):
         return named_weights(policy)
     from peft.tuners.lora import LoraLayer

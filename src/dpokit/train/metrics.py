@@ -2,11 +2,11 @@
 resume-safe (rows after the checkpoint dropped, a torn last line tolerated)."""
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from dpokit.io import atomic_write_text
 from dpokit.report import log
 from dpokit.train.runtime import all_reduce_sum
 
@@ -91,6 +91,4 @@ def truncate_metrics(path: Path, step: int, drop_eval: bool = False):
         if drop_eval and row_step == step and any(k.startswith("eval/") for k in row):
             continue
         keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(keep))

@@ -30,12 +30,11 @@ process), which reproduces what a live reference computes there exactly, in any 
 """
 
 import hashlib
-import os
-import tempfile
 
 import torch
 
 from dpokit.data.layouts import collate_for, layout_name
+from dpokit.io import atomic_write
 from dpokit.logprobs import sequence_logps
 from dpokit.models import cache_dir
 from dpokit.report import log
@@ -66,24 +65,23 @@ def reference_settings(cfg, device, batch_size: int) -> str:
 
 
 @torch.no_grad()
-def compute_reference_logps(
-    reference, examples, pad_id, batch_size, device, precision, chunk_size=None, layout="padded"
-):
-    """(chosen (N,), rejected (N,)) log-probs of the reference on every pair, batch_size pairs at a time
+def pair_logps(model, examples, pad_id, batch_size, device, precision, chunk_size=None, layout="padded"):
+    """(chosen (N,), rejected (N,)) log-probs of a model (the reference, or in `dpokit eval` the policy) on
+    every pair, batch_size pairs at a time
     in order, in the given layout and precision, as training computes them (see the module docstring for
     how close to a live reference that comes)."""
     collate = collate_for(layout, pad_id)
-    was_training = reference.training
-    reference.eval()
+    was_training = model.training
+    model.eval()
     chosen, rejected = [], []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         batch = to_device(collate(chunk), device)
         with autocast(device, precision):
-            logps = sequence_logps(reference, batch, chunk_size=chunk_size)[0].float().cpu()
+            logps = sequence_logps(model, batch, chunk_size=chunk_size)[0].float().cpu()
         chosen.append(logps[: len(chunk)])
         rejected.append(logps[len(chunk) :])
-    reference.train(was_training)
+    model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected)
 
 
@@ -112,16 +110,13 @@ def attach_reference_logps(reference, examples, cfg, pad_id, device, use_disk_ca
             attach(examples, cached["chosen"], cached["rejected"])
             log.info("reference log-probs of %d pairs from the cache (%s)", len(examples), path.name)
             return
-    chosen, rejected = compute_reference_logps(
+    chosen, rejected = pair_logps(
         reference, examples, pad_id, batch_size, device, cfg.precision, cfg.logprob_chunk_size, layout
     )
     attach(examples, chosen, rejected)
     if path is not None:
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({"chosen": chosen, "rejected": rejected}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent run sees the whole file or none
+        # atomic: a concurrent run sees the whole file or none
+        atomic_write(path, lambda tmp: save_file({"chosen": chosen, "rejected": rejected}, str(tmp)))
         log.info("reference log-probs of %d pairs computed and cached (%s)", len(examples), path.name)

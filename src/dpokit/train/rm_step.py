@@ -1,6 +1,7 @@
 """The reward-model step: Bradley-Terry on the rewards a scalar-head model gives chosen and rejected
 (reward_model.py), in one forward over the padded pair layout. `dpokit rm` (commands/rm.py) runs it."""
 
+from dpokit.losses import preference_accuracy
 from dpokit.reward_model import bradley_terry_loss, sequence_rewards
 
 
@@ -20,7 +21,7 @@ class RewardStep:
             losses = losses + self.center * (chosen + rejected) ** 2
         margins = (chosen - rejected).detach()
         metrics = {
-            "accuracy": (margins > 0).float() + 0.5 * (margins == 0).float(),
+            "accuracy": preference_accuracy(margins),
             "rewards/chosen": chosen.detach(),
             "rewards/rejected": rejected.detach(),
             "rewards/margins": margins,

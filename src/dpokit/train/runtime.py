@@ -78,8 +78,3 @@ def all_finite(params) -> bool:
     if not params:
         return True
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf"))).max()))
-
-
-def unwrap_ddp(model):
-    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
