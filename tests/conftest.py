@@ -88,3 +88,21 @@ def pref_dir(tmp_path):
     write_jsonl(d / "train.jsonl", conversational_rows(16))
     write_jsonl(d / "test.jsonl", conversational_rows(8))
     return d
+
+
+def run_dpo(tiny_model_dir, pref_dir, out, **kw):
+    """dpokit.dpo on the tiny model: 2 steps of 4 pairs at a learning rate that moves it; `kw` overrides."""
+    from dpokit.commands.dpo import DPOConfig, dpo
+
+    keys = dict(
+        model=str(tiny_model_dir),
+        dataset=str(pref_dir),
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        progress_bar=False,
+        max_eval_examples=4,
+        max_steps=2,
+    )
+    return dpo(DPOConfig(**{**keys, **kw}))

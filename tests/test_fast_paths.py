@@ -5,6 +5,7 @@ against its own base and saves a plain merged model."""
 import json
 import shutil
 
+import conftest
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -17,19 +18,8 @@ from dpokit.commands.dpo import DPOConfig
 def run_dpo(tiny_model_dir, pref_dir, out, **kw):
     """fp32 unless told otherwise: the fast paths give the padded run's numbers to fp32 rounding; under bf16
     (what precision=auto picks on a CPU with avx512_bf16) layouts round differently."""
-    cfg = DPOConfig(
-        model=str(tiny_model_dir),
-        dataset=str(pref_dir),
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        progress_bar=False,
-        max_eval_examples=4,
-        optimizer="rmsprop",
-        **{"max_steps": 3, "precision": "fp32", **kw},
-    )
-    return dpo.dpo(cfg).model
+    kw = {"optimizer": "rmsprop", "max_steps": 3, "precision": "fp32", **kw}
+    return conftest.run_dpo(tiny_model_dir, pref_dir, out, **kw).model
 
 
 def train_rows(out):

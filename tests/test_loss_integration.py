@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import run_dpo
 
 from dpokit import models
 from dpokit.commands import dpo
@@ -30,21 +31,6 @@ def test_docs_losses_table_is_the_registry():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", rows[name])]  # (not the escaped \| of |y|)
         assert all(arxiv in rows[name] for arxiv in re.findall(r"\d{4}\.\d{5}", spec.paper)), name
         assert cells[4] == ("yes" if spec.needs_reference else "**no**"), name
-
-
-def run_dpo(tiny_model_dir, pref_dir, out, **kw):
-    cfg = DPOConfig(
-        model=str(tiny_model_dir),
-        dataset=str(pref_dir),
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        progress_bar=False,
-        max_eval_examples=4,
-        **{"max_steps": 2, **kw},
-    )
-    return dpo.dpo(cfg)
 
 
 @pytest.mark.parametrize(
