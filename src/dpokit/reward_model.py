@@ -1,5 +1,5 @@
 """A learned reward model r_phi(x, y): a causal LM with a scalar head (transformers'
-`AutoModelForSequenceClassification` with num_labels=1), trained by `dpokit rm` (train/reward.py) with
+`AutoModelForSequenceClassification` with num_labels=1), trained by `dpokit rm` (commands/rm.py, train/rm_step.py) with
 the Bradley-Terry loss, and used as a reward function by `dpokit pairs`, `dpokit rl` and `dpokit eval`
 under the name `rm:PATH`.
 

@@ -1,5 +1,5 @@
 """The objectives of `dpokit rl`, the classic RLHF stage that DPO replaces, as pure functions of
-per-token tensors (they know nothing of models or batches; train/rl.py feeds them).
+per-token tensors (they know nothing of models or batches; train/rl_step.py feeds them).
 
 Every per-token tensor is (N, R): N sampled responses, R the longest response, left-aligned, with a
 mask (N, R) of 1.0 on real response tokens. Token t of response i is the action a_t taken in state
