@@ -16,7 +16,7 @@ from dpokit.train.dpo_step import DPOStep, collate_with_reference
 
 # the registry of losses.py is the one list of losses: choices, help and docs/losses.md (a test) read it
 LOSS_TYPES = [*LOSSES, "kto"]
-LOSS_PAPERS = "; ".join(f"{name}: {spec.paper}" for name, spec in LOSSES.items())
+LOSS_PAPERS = "; ".join(f"{name}: {spec.formula} ({spec.paper})" for name, spec in LOSSES.items())
 
 
 @dataclass
