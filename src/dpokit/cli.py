@@ -5,6 +5,7 @@ A UserError (bad data, bad config) becomes one line `error: ...` and exit code 2
 """
 
 import importlib
+import os
 import sys
 
 from dpokit.commands import COMMANDS
@@ -49,7 +50,14 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:  # `dpokit --help | head`: the reader left early, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (and no second one at exit)
+        return 0
+
+
+def run(argv) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
