@@ -218,3 +218,31 @@ def test_doc_example_runs(doc, index, tiny_model_dir, tmp_path_factory):
     workdir = tmp_path_factory.getbasetemp() / "doc-examples"  # shared: a later example reads an earlier run
     workdir.mkdir(exist_ok=True)
     run_example(python_blocks(doc)[index], tiny_model_dir, workdir)
+
+
+def test_a_peft_model_trains_its_adapters_against_its_base(tiny_model_dir, pref_dir, tmp_path):
+    """model= a peft model: its adapters train (no second wrapping), pi_ref is its base with adapters off
+    (so a model whose adapters already moved it starts with non-zero implicit rewards)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    up_proj = base.model.layers[0].mlp.up_proj.weight.detach().clone()  # no adapter here
+    q_proj = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    out = tmp_path / "o"
+    result = dpokit.dpo(
+        {**COMMON, "output_dir": str(out), "max_eval_examples": 4, "dataset": str(pref_dir)}, model=model
+    )
+    assert "use_lora: true" in (out / "config.yaml").read_text()
+    adapter = load_file(out / "checkpoint-3" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k and "base_model.model.base_model" not in k for k in adapter)  # wrapped once
+    merged = result.model  # the final model: base + trained adapters, merged
+    assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, up_proj)
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, q_proj)
+    first_eval = next(r for r in result.metrics if "eval/rewards/chosen" in r)
+    assert first_eval["step"] == 0 and first_eval["eval/rewards/chosen"] != 0.0

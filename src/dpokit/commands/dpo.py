@@ -111,14 +111,16 @@ def dpo(
     if needs_reference:  # reference-free losses (simpo, orpo, sft, reference_free) load no reference at all
         # before any adapter exists, the policy itself is pi_ref unless another model is named
         reference = prep.reference_model(cfg, policy, ref_model).to(ranks.device)
-        if not cfg.ref_sync_steps and not unpaired:  # held-out reference log-probs once, not at every eval
-            refcache.attach_reference_logps(
-                reference, run.eval_examples, cfg, pad_id, ranks.device, use_disk_cache=False
-            )
+        with prep.base_model(reference):  # a peft model the caller gave: pi_ref is its base, adapters off
+            if not cfg.ref_sync_steps and not unpaired:  # held-out reference log-probs once, not at every eval
+                refcache.attach_reference_logps(
+                    reference, run.eval_examples, cfg, pad_id, ranks.device, use_disk_cache=False
+                )
+            if cfg.precompute_ref_log_probs:
+                refcache.attach_reference_logps(
+                    reference, run.train_examples, cfg, pad_id, ranks.device, use_disk_cache=True
+                )
         if cfg.precompute_ref_log_probs:
-            refcache.attach_reference_logps(
-                reference, run.train_examples, cfg, pad_id, ranks.device, use_disk_cache=True
-            )
             reference = None  # nothing of the reference stays in memory while training
         elif cfg.use_lora and not cfg.ref_model and ref_model is None:
             reference, lora_reference = None, True  # no second copy: the base with adapters disabled
@@ -126,7 +128,7 @@ def dpo(
             reference = prep.frozen_copy(policy)
         else:
             reference.requires_grad_(False).eval()
-    if cfg.use_lora:
+    if cfg.use_lora and not models.is_peft(policy):
         policy = run.model = models.add_lora(policy, cfg)
     if cfg.gradient_checkpointing:
         prep.enable_gradient_checkpointing(policy, cfg.use_lora)

@@ -4,6 +4,7 @@ the output_dir checks, the tokenizer, the data (files, `datasets` objects or lis
 hand-over to the shared loop. Everything that can fail on bad input happens before output_dir is
 touched."""
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ def resolve_config(cls, config, *, model=None, ref_model=None, train_dataset=Non
     return resolve(
         cls,
         config,
+        use_lora=True if model is not None and models.is_peft(model) else None,  # a peft model trains its adapters
         model=in_memory_name(model),
         ref_model=in_memory_name(ref_model),
         dataset=in_memory_name(train_dataset, "train_dataset"),
@@ -105,6 +107,12 @@ def reference_model(cfg, policy, ref_model=None):
         ref_model = models.load_model(cfg.ref_model, cfg.trust_remote_code) if cfg.ref_model else policy
     models.disable_dropout(ref_model)
     return ref_model
+
+
+def base_model(model):
+    """A context in which a peft model computes with its adapters disabled (its base model); for any other
+    model, nothing changes."""
+    return model.disable_adapter() if models.is_peft(model) else contextlib.nullcontext()
 
 
 def frozen_copy(model):

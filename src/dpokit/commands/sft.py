@@ -70,7 +70,7 @@ def sft(config=None, *, model=None, tokenizer=None, train_dataset=None, eval_dat
     run = prep.prepare(
         cfg, load_split, model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset
     )
-    if cfg.use_lora:
+    if cfg.use_lora and not models.is_peft(run.model):
         run.model = models.add_lora(run.model, cfg)
     if cfg.gradient_checkpointing:
         prep.enable_gradient_checkpointing(run.model, cfg.use_lora)
