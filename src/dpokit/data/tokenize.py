@@ -25,6 +25,10 @@ COMPLETION_FIELDS = ("prompt", "completion", "completion")  # (names in errors f
 
 @dataclass
 class TokenizedPair:
+    """A prompt and two responses as token ids (boundary-exact). SFT demonstrations and KTO rows use it too,
+    with their one completion in both halves (tokenize_dataset(completions=True)), so that every stage
+    shares the pair layouts of data/layouts.py."""
+
     prompt_ids: list
     chosen_ids: list
     rejected_ids: list
