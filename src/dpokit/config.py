@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from dpokit import trl_keys
 from dpokit.errors import UserError
 
 
@@ -228,6 +229,8 @@ def load_config(cls, config_file=None, overrides=(), values=None, source="config
             if not isinstance(k, str):
                 raise UserError(f"{path}: key {_short(k)} is not a name (keys are strings such as 'beta')")
             values[k] = (v, str(path))
+    if getattr(cls, "accepts_trl_keys", False):  # a TRL DPO YAML (or dict) works unchanged: docs/trl.md
+        values = trl_keys.translate(values, cls)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override '{item}' is not key=value")

@@ -23,6 +23,7 @@ LOSS_PAPERS = "; ".join(f"{name}: {spec.formula} ({spec.paper})" for name, spec 
 class DPOConfig(TrainConfig):
     """Direct Preference Optimization (Rafailov et al., 2023)."""
 
+    accepts_trl_keys = True  # TRL's DPO YAML keys are translated (config.load_config, trl_keys.py)
     output_dir: str = opt("runs/dpo", "where the trained model, config, metrics and plots are written")
     learning_rate: float = opt(1e-6, "peak learning rate (the DPO paper: 1e-6)")
     beta: float = opt(0.1, "KL strength beta: implicit reward = beta * log(pi / pi_ref)")
