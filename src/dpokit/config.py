@@ -7,6 +7,7 @@ An unknown key or a bad value is a UserError naming the key and what is valid.
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ def opt(default, help: str, choices=None, **kw):
 # dpokit.precision.PRECISIONS (kept here so that config answers without importing torch; a test keeps
 # the two lists equal)
 PRECISIONS = ["auto", "fp32", "bf16"]
+# report_to's values, as TRL's (dpokit.train.reporters.REPORTERS has the two that are reporters)
+REPORT_TO = ["none", "all", "tensorboard", "wandb"]
 
 
 @dataclass
@@ -118,6 +121,28 @@ class TrainConfig:
         "stop after this many optimizer steps in a row with a non-finite loss or gradient (each such step is skipped)",
     )
     progress_bar: bool = opt(True, "show a progress bar with ETA on the console")
+    report_to: typing.Optional[typing.List[str]] = opt(
+        None,
+        "also log every metrics row to these (train/reporters.py): tensorboard (event files in "
+        "output_dir/runs/), wandb (pip install dpokit[wandb]); all: both; none: neither",
+        REPORT_TO,
+    )
+    run_name: typing.Optional[str] = opt(None, "the run's name in wandb and its tensorboard subdirectory")
+    push_to_hub: bool = opt(False, "upload output_dir (model, model card, metrics) to the hub at the end")
+    hub_model_id: typing.Optional[str] = opt(None, "the hub repository push_to_hub uploads to, e.g. user/my-dpo-model")
+
+    def check_reporting(self):
+        """report_to's and push_to_hub's rules (validate() calls this: the commands' own `check` methods
+        do not chain up). A missing reporter package is found here, before anything is written."""
+        wanted = set(self.report_to or ())
+        if "none" in wanted and len(wanted) > 1:
+            others = ", ".join(sorted(wanted - {"none"}))
+            raise UserError(f"key 'report_to': 'none' cannot be combined with {others}")
+        for name, hint in (("tensorboard", "pip install tensorboard"), ("wandb", "pip install 'dpokit[wandb]'")):
+            if (name in wanted or "all" in wanted) and importlib.util.find_spec(name) is None:
+                raise UserError(f"key 'report_to': {name} needs the {name} package ({hint})")
+        if self.push_to_hub and not self.hub_model_id:
+            raise UserError("key 'push_to_hub': needs hub_model_id (the repository to upload to, e.g. user/name)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,6 +382,8 @@ def validate(cfg):
         raise UserError("key 'dataset' is required (a file, a `datasets` directory or a hub name)")
     if hasattr(cfg, "model") and cfg.model is None:
         raise UserError("key 'model' is required")
+    if hasattr(cfg, "check_reporting"):
+        cfg.check_reporting()
     if hasattr(cfg, "check"):  # the rules of one command's own keys, kept beside them in its config class
         cfg.check()
 

@@ -32,8 +32,10 @@ from dpokit.train.callbacks import CallbackList, MetricsFile, Plot, Progress, Tr
 from dpokit.train.checkpoint import fault_point
 from dpokit.train.lock import RunLock, check_free
 from dpokit.train.metrics import MetricSums, truncate_metrics
+from dpokit.train.model_card import ModelCard
 from dpokit.train.optim import build_optimizer, lr_lambda
 from dpokit.train.order import micro_batches, micro_batches_per_epoch
+from dpokit.train.reporters import build_reporters
 from dpokit.train.runtime import Ranks, all_finite, all_reduce_sum, autocast, peak_memory_mb, set_seed, to_device
 
 
@@ -204,7 +206,10 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
         save_config(cfg, out / "config.yaml")
         # resumed from the final checkpoint: its evaluation runs again below, so its old row goes
         truncate_metrics(out / "metrics.jsonl", start_step, drop_eval=start_step == total)
-    builtin = [Progress(cfg.progress_bar), MetricsFile(out / "metrics.jsonl"), Plot(plot_keys)] if ranks.main else []
+    builtin = []
+    if ranks.main:  # the model card comes last: it reads the plot, and push_to_hub uploads everything
+        builtin = [Progress(cfg.progress_bar), MetricsFile(out / "metrics.jsonl"), Plot(plot_keys)]
+        builtin += [*build_reporters(cfg, out), ModelCard(cfg)]
     cbs = CallbackList([*builtin, *callbacks])
     state = TrainState(step=start_step, total_steps=total, output_dir=out, is_main=ranks.main, model=raw_model)
     log.info(
