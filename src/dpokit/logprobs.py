@@ -13,6 +13,8 @@ tests/test_layouts.py and tests/test_logprobs.py):
   a max ~20 nats above it): it reads high by ~3-9e-6 per token, ~5e-4 on a 200-token response;
   `logsumexp` reduces with a pairwise sum and is within ~1e-6 of float64 per token.
 - A sequence's token log-probs are summed in float64 and rounded to fp32 once.
+`response_logps` is the same forward kept per token (a ResponseLogps): LD-DPO's sums split at a token
+count (`split_sums`) and WPO's weights (`wpo_log_weights`, from the same logits under no_grad; not chunked).
 Only the positions that predict a response token get logits at all (prompt and padding positions are
 dropped first, by `logits_to_keep` where the model has it), which also keeps the fp32 logits small.
 
@@ -31,6 +33,7 @@ dropped first, by `logits_to_keep` where the model has it), which also keeps the
 import contextlib
 import inspect
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +73,94 @@ def sequence_logps(model, batch: dict, chunk_size: int | None = None, fp32_head:
     then rejected, whatever the layout. chunk_size: compute the lm_head that many positions at a time.
     fp32_head: under autocast, compute the output layer in fp32 all the same (see the module docstring;
     False: the model's own head in the autocast dtype, ~0.1 nats of noise per sequence in bf16)."""
+    tokens = response_logps(model, batch, chunk_size, fp32_head)
+    return tokens.sums(), tokens.lengths()
+
+
+def response_logps(
+    model, batch: dict, chunk_size: int | None = None, fp32_head: bool = True, wpo: bool = False
+) -> "ResponseLogps":
+    """sequence_logps's forward, kept per token: a ResponseLogps, whose reductions give the per-sequence
+    sums (`sums`), LD-DPO's split sums (`split_sums`) and, with wpo=True, WPO's log-weights
+    (`wpo_log_weights`, computed under no_grad from the same logits; not with chunk_size)."""
     positions, targets, sequences = response_targets(batch)  # each (M,)
     inputs = model_inputs(model, batch)
+    wpo_terms = None
     if chunk_size is None:
-        token_lp = token_logps_from_logits(model, inputs, positions, targets, fp32_head)
+        logits = kept_logits(model, inputs, positions, fp32_head)  # (M, V)
+        token_lp = token_logps(logits, targets)
+        if wpo:
+            wpo_terms = wpo_token_terms(logits, token_lp)
+        del logits
+    elif wpo:
+        raise UserError(
+            "key 'use_weighting': WPO's weights need every token's probability at each response position, "
+            "which logprob_chunk_size never holds at once; set logprob_chunk_size to null"
+        )
     else:
         token_lp = chunked_token_logps(model, inputs, positions, targets, chunk_size, fp32_head)
     n = batch["input_ids"].shape[0] if batch.get("layout", "padded") == "padded" else 2 * batch["num_examples"]
-    return sum_per_sequence(token_lp, sequences, n), torch.bincount(sequences, minlength=n)
+    return ResponseLogps(token_lp, sequences, token_steps(positions, sequences, n), n, wpo_terms)
+
+
+@torch.no_grad()
+def wpo_token_terms(logits: torch.Tensor, token_lp: torch.Tensor) -> torch.Tensor:
+    """logits (M, V), log pi(y_t) (M,) -> log pi(y_t|x,y_<t) - log sum_v pi(v|x,y_<t)^2, (M,), fp32, no grad:
+    WPO's per-token term (Zhou et al. 2024, arXiv 2406.11827, Eq. 2), the sum of squares as
+    logsumexp(2 log p) so that a peaked distribution loses nothing."""
+    logits = logits.float()
+    logp = logits - logits.logsumexp(-1, keepdim=True)  # (M, V)
+    return token_lp.detach() - (2 * logp).logsumexp(-1)
+
+
+def token_steps(positions: torch.Tensor, sequences: torch.Tensor, n: int) -> torch.Tensor:
+    """(M,) t: each response token's index within its own response (0 for its first token). Within one
+    sequence, later tokens sit at later flat positions in every layout, so sorting by (sequence, position)
+    puts each response in order."""
+    if positions.numel() == 0:
+        return positions.clone()
+    order = torch.argsort(sequences * (int(positions.max()) + 1) + positions)  # (M,)
+    counts = torch.bincount(sequences, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts  # (n,) first sorted index of each sequence
+    steps = torch.empty_like(positions)
+    steps[order] = torch.arange(len(order), device=positions.device) - starts[sequences[order]]
+    return steps
+
+
+@dataclass
+class ResponseLogps:
+    """The response tokens of a batch: log pi(y_t|x,y_<t) (M,), with their sequence (0..2B-1, chosen then
+    rejected) and step t within it, and (WPO) the no-grad terms log p_t - log sum_v p_v^2."""
+
+    token_logps: torch.Tensor  # (M,) fp32, carries the gradient
+    sequences: torch.Tensor  # (M,)
+    steps: torch.Tensor  # (M,)
+    n: int  # number of sequences, 2B
+    wpo_terms: torch.Tensor | None = None  # (M,) or None
+
+    def sums(self) -> torch.Tensor:
+        """(n,) log pi(y|x) = sum_t log pi(y_t|x,y_<t)."""
+        return sum_per_sequence(self.token_logps, self.sequences, self.n)
+
+    def lengths(self) -> torch.Tensor:
+        """(n,) response token counts |y|."""
+        return torch.bincount(self.sequences, minlength=self.n)
+
+    def split_sums(self, k: torch.Tensor):
+        """k (n,) token counts -> (front (n,), rear (n,)): the sum over each response's first k tokens and
+        over the rest (LD-DPO's public and excess parts); front + rear = sums()."""
+        front = self.steps < k.to(self.steps.device)[self.sequences]  # (M,)
+        zero = torch.zeros_like(self.token_logps)
+        return (
+            sum_per_sequence(torch.where(front, self.token_logps, zero), self.sequences, self.n),
+            sum_per_sequence(torch.where(front, zero, self.token_logps), self.sequences, self.n),
+        )
+
+    def wpo_log_weights(self) -> torch.Tensor:
+        """(n,) log w(x, y) = (1/|y|) sum_t [log p(y_t) - log sum_v p(v)^2] (WPO, arXiv 2406.11827), no grad."""
+        if self.wpo_terms is None:
+            raise ValueError("computed without wpo=True")
+        return sum_per_sequence(self.wpo_terms, self.sequences, self.n) / self.lengths().clamp(min=1)
 
 
 # --- what the model is given, and which of its outputs count -------------------------------------------
@@ -162,11 +245,16 @@ def kept_positions(model, positions: torch.Tensor, shape):
 
 def token_logps_from_logits(model, inputs: dict, positions, targets, fp32_head: bool = True) -> torch.Tensor:
     """log pi(target) for each response token, (M,), from the model's own logits at the kept positions."""
+    return token_logps(kept_logits(model, inputs, positions, fp32_head), targets)  # (M,)
+
+
+def kept_logits(model, inputs: dict, positions, fp32_head: bool = True) -> torch.Tensor:
+    """(M, V) the model's logits at the positions that predict the response tokens."""
     keep, rows = kept_positions(model, positions, inputs["input_ids"].shape)
     extra = {} if keep is None else {"logits_to_keep": keep}
     with fp32_output_layer(model, fp32_head):
         logits = model(**inputs, use_cache=False, **extra).logits  # (N, K, V)
-    return token_logps(logits.flatten(0, 1)[rows], targets)  # (M,)
+    return logits.flatten(0, 1)[rows]
 
 
 @contextlib.contextmanager

@@ -69,6 +69,57 @@ def log1mexp(x):
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+_MAX_EXPONENT = 80.0  # exp(80) ~ 5.5e34: below fp32's max (3.4e38) with room for the 1/alpha and beta after it
+
+
+def f_divergence_margin(a, b, f_divergence_type: str = "reverse_kl", alpha: float = 1.0):
+    """f-DPO, Wang et al. 2023 (arXiv 2309.16240), Thm. 1 / Table 1: with the reverse KL of DPO replaced by
+    an f-divergence, the loss is -log s(beta [f'(u_w) - f'(u_l)]), u = pi/pi_ref = exp(a) or exp(b). The
+    constants of f' cancel in the difference, so this returns, (B,):
+
+        reverse_kl        f'(u) = log u + 1              ->  a - b  (DPO)
+        forward_kl        f'(u) = -1/u                   ->  exp(-b) - exp(-a)
+        js_divergence     f'(u) = log(2u / (1 + u))      ->  (a - softplus(a)) - (b - softplus(b))
+        alpha_divergence  f'(u) = (1 - u^-alpha) / alpha ->  (exp(-alpha b) - exp(-alpha a)) / alpha
+
+    (forward_kl is alpha_divergence at alpha = 1, reverse_kl its limit alpha -> 0.) The exponents are
+    capped at 80 so that a very unlikely response gives a large finite margin, not inf - inf.
+    """
+    if f_divergence_type == "reverse_kl":
+        return a - b
+    if f_divergence_type == "js_divergence":
+        return (a - F.softplus(a)) - (b - F.softplus(b))
+
+    def capped_exp(x):
+        return torch.exp(x.clamp(max=_MAX_EXPONENT))
+
+    if f_divergence_type == "forward_kl":
+        return capped_exp(-b) - capped_exp(-a)
+    if f_divergence_type == "alpha_divergence":
+        if not alpha > 0:
+            raise ValueError(f"f_alpha_divergence_coef must be > 0, got {alpha}")
+        return (capped_exp(-alpha * b) - capped_exp(-alpha * a)) / alpha
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r} (valid: {', '.join(F_DIVERGENCES)})")
+
+
+def length_desensitized_logps(public_logps, excess_logps, ld_alpha: float):
+    """LD-DPO, Liu et al. 2024 (arXiv 2409.06411), Sec. 4: a response's log-likelihood with the tokens past
+    the pair's public length l_p = min(|y_w|, |y_l|) down-weighted,
+
+        log pi_hat(y|x) = sum_{t <= l_p} log pi(y_t|x,y_<t) + alpha * sum_{t > l_p} log pi(y_t|x,y_<t),
+
+    applied alike to the policy and the reference. public_logps, excess_logps (B,); alpha = 1 is DPO."""
+    return public_logps + ld_alpha * excess_logps
+
+
+def wpo_weights(chosen_log_weights, rejected_log_weights):
+    """WPO, Zhou et al. 2024 (arXiv 2406.11827), Eq. 2: the pair's weight w(x, y_w) w(x, y_l), (B,), from
+    log w(x, y) = (1/|y|) sum_t log( pi(y_t|x,y_<t) / sum_v pi(v|x,y_<t)^2 ) (logprobs.ResponseLogps
+    .wpo_log_weights), detached: the weights scale each pair's loss and carry no gradient."""
+    return torch.exp(chosen_log_weights + rejected_log_weights).detach()
+
+
 # --- losses with a reference ---------------------------------------------------------------------------
 
 
@@ -81,6 +132,8 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     *,
     reference_free: bool = False,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 1.0,
     chosen_lengths=None,
     rejected_lengths=None,
 ):
@@ -93,11 +146,13 @@ def dpo_loss(
         L = -(1 - eps) log s(beta h) - eps log s(-beta h).
     Its optimum is finite: beta h* = log((1 - eps) / eps) on a pair seen only one way. eps may be a (B,)
     tensor of per-pair flip probabilities (soft labels).
+
+    f_divergence_type other than reverse_kl: f-DPO, h becomes f'(u_w) - f'(u_l) (`f_divergence_margin`).
     """
     a, b = log_ratios(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
     )
-    logits = a - b  # h, (B,)
+    logits = f_divergence_margin(a, b, f_divergence_type, f_alpha_divergence_coef)  # h, (B,)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
     return (losses, *implicit_rewards(beta, a, b))
 
@@ -454,6 +509,32 @@ def discopop_loss(
     return (losses, *implicit_rewards(beta, a, b))
 
 
+def sigmoid_norm_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    reference_chosen_logps,
+    reference_rejected_logps,
+    *,
+    beta,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
+    """DPO (arXiv 2305.18290, Eq. 7) on per-token log-ratios, TRL's loss_type="sigmoid_norm":
+
+        L = -(1 - eps) log s(beta h_n) - eps log s(-beta h_n),   h_n = a / |y_w| - b / |y_l|
+
+    The rewards stay the summed beta * a, beta * b of the other reference losses.
+    """
+    a, b = log_ratios(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+    )
+    h = average_logps(a, chosen_lengths, "chosen_lengths") - average_logps(b, rejected_lengths, "rejected_lengths")
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return (losses, *implicit_rewards(beta, a, b))
+
+
 # --- reference-free losses ------------------------------------------------------------------------------
 
 
@@ -608,6 +689,13 @@ LOSSES = {
         False,
         "DiscoPOP, arXiv 2406.08414 Eq. 5",
         "(1 - s(beta h/tau)) (-log s(beta h)) + s(beta h/tau) exp(-beta h)",
+    ),
+    "sigmoid_norm": LossSpec(
+        sigmoid_norm_loss,
+        True,
+        True,
+        "DPO, arXiv 2305.18290 Eq. 7 on per-token log-ratios (TRL's sigmoid_norm)",
+        "-(1-eps) log s(beta (a/|y_w| - b/|y_l|)) - eps log s(-beta (a/|y_w| - b/|y_l|))",
     ),
     "simpo": LossSpec(
         simpo_loss,

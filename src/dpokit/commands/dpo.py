@@ -42,6 +42,21 @@ class DPOConfig(TrainConfig):
     ipo_length_normalize: bool = opt(False, "ipo on per-token average log-ratios (TRL) instead of the paper's sums")
     simpo_gamma: float = opt(0.5, "SimPO target reward margin gamma")
     discopop_tau: float = opt(0.05, "DiscoPOP temperature tau")
+    f_divergence_type: str = opt(
+        "reverse_kl",
+        "f-DPO (arXiv 2309.16240): the divergence to pi_ref that the sigmoid loss regularises with (reverse_kl = DPO)",
+        ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"],
+    )
+    f_alpha_divergence_coef: float = opt(1.0, "f-DPO alpha of alpha_divergence (> 0; the paper: in (0, 1))")
+    use_weighting: bool = opt(
+        False, "WPO (arXiv 2406.11827): weight each pair's loss by w(x,y_w) w(x,y_l) from the policy's probabilities"
+    )
+    ld_alpha: typing.Optional[float] = opt(
+        None, "LD-DPO (arXiv 2409.06411): weight in [0, 1] of the longer response's tokens past the shorter's length"
+    )
+    rpo_alpha: typing.Optional[float] = opt(
+        None, "RPO (arXiv 2404.19733): add alpha * per-token NLL of the chosen response (= loss_type ...,sft)"
+    )
     desirable_weight: float = opt(1.0, "KTO weight lambda_D of desirable examples")
     undesirable_weight: float = opt(1.0, "KTO weight lambda_U of undesirable examples")
     ref_sync_steps: int = opt(0, "TR-DPO: every this many steps pi_ref <- alpha pi + (1 - alpha) pi_ref (0: off)")
@@ -59,6 +74,32 @@ class DPOConfig(TrainConfig):
     )
 
     def check(self):
+        if not self.f_alpha_divergence_coef > 0:
+            raise UserError(f"key 'f_alpha_divergence_coef': must be > 0, got {self.f_alpha_divergence_coef}")
+        if self.f_divergence_type != "reverse_kl" and "sigmoid" not in self.loss_type:
+            raise UserError("key 'f_divergence_type': applies to the sigmoid loss; add sigmoid to loss_type")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise UserError(f"key 'ld_alpha': must be in [0, 1], got {self.ld_alpha}")
+        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
+            raise UserError(f"key 'rpo_alpha': must be >= 0, got {self.rpo_alpha}")
+        if self.loss_type == ["kto"] and (
+            self.use_weighting or self.ld_alpha is not None or self.rpo_alpha is not None
+        ):
+            raise UserError("keys 'use_weighting', 'ld_alpha', 'rpo_alpha': for paired losses, not kto")
+        if self.use_weighting and self.logprob_chunk_size is not None:
+            raise UserError("key 'use_weighting': WPO's weights need full logits; set logprob_chunk_size to null")
+        if self.ld_alpha is not None and (
+            self.rpo_alpha is not None or not all(LOSSES.get(t) and LOSSES[t].needs_reference for t in self.loss_type)
+        ):
+            raise UserError(
+                "key 'ld_alpha': LD-DPO reshapes the log-ratios of losses with a reference; it cannot be "
+                "combined with rpo_alpha or with reference-free losses (sft, simpo, orpo)"
+            )
+        if self.ld_alpha is not None and self.precompute_ref_log_probs:
+            raise UserError(
+                "key 'ld_alpha': cannot be combined with precompute_ref_log_probs (the cache holds whole-sequence "
+                "sums, LD-DPO needs the reference's log-probs split at each pair's public length)"
+            )
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise UserError(
                 f"key 'loss_weights': {len(self.loss_weights)} weights for {len(self.loss_type)} loss types"

@@ -6,14 +6,16 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.logprobs import sequence_logps
+from dpokit.logprobs import response_logps
 from dpokit.losses import (
     RewardMean,
     combined_loss,
+    length_desensitized_logps,
     named_weights,
     preference_accuracy,
     requirements,
     soft_update_reference,
+    wpo_weights,
 )
 from dpokit.train.runtime import all_reduce_sum
 
@@ -21,16 +23,25 @@ from dpokit.train.runtime import all_reduce_sum
 class DPOStep:
     """step(policy, batch) -> (losses (B,), metrics): one forward of the policy over chosen and rejected
     together, the reference's log-probs under no_grad (or cached in the batch; none at all for
-    reference-free losses), then the configured loss (or weighted sum of losses) of losses.py."""
+    reference-free losses), then the configured loss (or weighted sum of losses) of losses.py.
+
+    Options on top of the losses: rpo_alpha appends ("sft", alpha) to the losses (RPO); ld_alpha rescales
+    the log-probs past each pair's public length, policy and reference alike (LD-DPO); use_weighting
+    multiplies each pair's total loss by its WPO weight, computed from the policy's logits under no_grad;
+    f_divergence_type goes to the sigmoid loss (f-DPO)."""
 
     def __init__(self, reference, cfg, lora_reference: bool = False):
         self.reference = reference  # a frozen model, or None (cached log-probs / LoRA base / none needed)
         self.lora_reference = lora_reference  # pi_ref = the policy's base model with its adapters disabled
         self.chunk_size = cfg.logprob_chunk_size
         self.loss_types, self.loss_weights = list(cfg.loss_type), cfg.loss_weights
+        if cfg.rpo_alpha is not None:  # RPO (arXiv 2404.19733) is exactly DPO + alpha * the sft loss
+            weights = [1.0] * len(self.loss_types) if self.loss_weights is None else list(self.loss_weights)
+            self.loss_types, self.loss_weights = self.loss_types + ["sft"], weights + [cfg.rpo_alpha]
         self.needs_reference, self.needs_lengths = requirements(
             self.loss_types, cfg.reference_free, cfg.ipo_length_normalize
         )
+        self.use_weighting, self.ld_alpha = cfg.use_weighting, cfg.ld_alpha
         self.hyper = {
             "beta": cfg.beta,
             "label_smoothing": cfg.label_smoothing,
@@ -38,27 +49,42 @@ class DPOStep:
             "ipo_length_normalize": cfg.ipo_length_normalize,
             "simpo_gamma": cfg.simpo_gamma,
             "discopop_tau": cfg.discopop_tau,
+            "f_divergence_type": cfg.f_divergence_type,
+            "f_alpha_divergence_coef": cfg.f_alpha_divergence_coef,
         }
         self.beta = cfg.beta
         # BCO's reward shift delta: a running mean of the implicit rewards over training (saved in checkpoints)
         self.bco_mean = RewardMean() if "bco_pair" in self.loss_types else None
         self.ref_sync_steps, self.ref_sync_alpha = cfg.ref_sync_steps, cfg.ref_sync_alpha
 
+    def sequence_logps(self, tokens, B):
+        """(2B,) the log-probs the losses see: sums over the response, or LD-DPO's rescaled sums."""
+        if self.ld_alpha is None:
+            return tokens.sums()
+        n = tokens.lengths()
+        public = torch.minimum(n[:B], n[B:]).repeat(2)  # (2B,) l_p of each sequence's pair
+        return length_desensitized_logps(*tokens.split_sums(public), self.ld_alpha)
+
     def reference_logps(self, policy, batch):
         if not self.needs_reference:
             return None
-        if "reference_logps" in batch:
-            return batch["reference_logps"].to(batch["input_ids"].device)
+        cached = batch.get("reference_logps")
+        # cached sums serve plain losses; LD-DPO needs the reference's per-token log-probs (its check
+        # refuses precompute_ref_log_probs, so a reference model is there whenever that cache is not)
+        if cached is not None and (self.ld_alpha is None or (self.reference is None and not self.lora_reference)):
+            return cached.to(batch["input_ids"].device)
+        B = batch["num_examples"]
         with torch.no_grad():
             if self.lora_reference:
                 peft_model = models.unwrap_ddp(policy)
                 with peft_model.disable_adapter():
-                    return sequence_logps(peft_model, batch, chunk_size=self.chunk_size)[0]
-            return sequence_logps(self.reference, batch, chunk_size=self.chunk_size)[0]
+                    return self.sequence_logps(response_logps(peft_model, batch, self.chunk_size), B)
+            return self.sequence_logps(response_logps(self.reference, batch, self.chunk_size), B)
 
     def __call__(self, policy, batch):
         B = batch["num_examples"]
-        logps, n_tokens = sequence_logps(policy, batch, chunk_size=self.chunk_size)  # (2B,), (2B,)
+        tokens = response_logps(policy, batch, self.chunk_size, wpo=self.use_weighting)
+        logps, n_tokens = self.sequence_logps(tokens, B), tokens.lengths()  # (2B,), (2B,)
         ref = self.reference_logps(policy, batch)  # (2B,) or None
         kwargs = dict(self.hyper)
         if self.needs_lengths:
@@ -79,6 +105,11 @@ class DPOStep:
             None if ref is None else ref[B:],
             **kwargs,
         )
+        weights = None
+        if self.use_weighting:  # WPO: the pair's whole loss, times w(x, y_w) w(x, y_l) (no gradient)
+            log_w = tokens.wpo_log_weights()  # (2B,)
+            weights = wpo_weights(log_w[:B], log_w[B:])
+            losses = losses * weights
         margins = chosen_rewards - rejected_rewards
         metrics = {
             "rewards/chosen": chosen_rewards,
@@ -89,6 +120,8 @@ class DPOStep:
             "logps/chosen": logps[:B].detach(),
             "logps/rejected": logps[B:].detach(),
         }
+        if weights is not None:
+            metrics["wpo/weights"] = weights
         return losses, metrics
 
     # --- hooks the shared loop calls -------------------------------------------------------------------
