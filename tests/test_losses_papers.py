@@ -115,6 +115,11 @@ def np_sft(pc, pr, rc, rr, lc, lr, beta):
     return -pc / lc
 
 
+def np_sigmoid_norm(pc, pr, rc, rr, lc, lr, beta, label_smoothing=0.0):  # DPO on per-token log-ratios
+    z = beta * ((pc - rc) / lc - (pr - rr) / lr)
+    return -(1 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)
+
+
 REFERENCES = {
     "sigmoid": (np_sigmoid, [{}, {"label_smoothing": 0.2}]),
     "robust": (np_robust, [{}, {"label_smoothing": 0.2}]),
@@ -132,6 +137,7 @@ REFERENCES = {
     "simpo": (np_simpo, [{}, {"simpo_gamma": 1.2}]),
     "orpo": (np_orpo, [{}]),
     "sft": (np_sft, [{}]),
+    "sigmoid_norm": (np_sigmoid_norm, [{}, {"label_smoothing": 0.2}]),
 }
 
 
