@@ -106,3 +106,16 @@ def run_dpo(tiny_model_dir, pref_dir, out, **kw):
         max_steps=2,
     )
     return dpo(DPOConfig(**{**keys, **kw}))
+
+
+def one_error_line(err, *parts, only=False):
+    """The hostile-input standard: exactly one `error:` line on stderr, containing every part, and no
+    traceback (`only`: and no other line at all). Returns the line."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    if only:
+        assert [line for line in err.splitlines() if line.strip()] == lines, err
+    for part in parts:
+        assert str(part) in lines[0], lines[0]
+    return lines[0]

@@ -5,6 +5,7 @@ pairs that are well-formed but unusable, a counted skip."""
 import json
 
 import pytest
+from conftest import one_error_line
 
 from dpokit.cli import main
 from dpokit.data.load import load_pairs
@@ -183,10 +184,8 @@ def test_bad_input_one_line_error(name, tmp_path, tiny_model_dir, capsys):
         ]
     )
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2
-    assert len(errors) == 1 and expected in errors[0] and str(path) in errors[0], err
-    assert "Traceback" not in err
+    assert code == 2, err
+    one_error_line(err, expected, path)
     assert not out.exists()
 
 

@@ -2,6 +2,7 @@
 file, exit code 2, no traceback, and nothing written. Valid values that look odd are accepted as typed."""
 
 import pytest
+from conftest import one_error_line
 
 from dpokit.cli import main
 from dpokit.commands.dpo import DPOConfig
@@ -84,11 +85,8 @@ def run_cli(capsys, args):
 
 
 def assert_one_error_line(code, err, expected):
-    lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
-    assert "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert expected in lines[0], lines[0]
+    one_error_line(err, expected, only=True)
 
 
 @pytest.mark.parametrize("name", sorted(OVERRIDES))

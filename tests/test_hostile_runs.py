@@ -17,6 +17,7 @@ import socket
 import pytest
 import torch
 from conftest import conversational_rows, write_jsonl
+from conftest import one_error_line as one_error
 
 from dpokit import models
 from dpokit.cli import main
@@ -74,16 +75,6 @@ def cli(capsys, caplog):
         return code, capsys.readouterr().err
 
     return run
-
-
-def one_error(err, *parts):
-    """Exactly one `error:` line, containing every part, and no traceback."""
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err, err
-    for part in parts:
-        assert str(part) in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
