@@ -63,6 +63,9 @@ class TrainConfig:
     # --- optimisation
     learning_rate: float = opt(1e-6, "peak learning rate")
     optimizer: str = opt("adamw", "optimizer (the DPO paper used RMSprop)", ["adamw", "rmsprop"])
+    adam_beta1: float = opt(0.9, "AdamW's beta1 (decay of the gradient's running mean)")
+    adam_beta2: float = opt(0.999, "AdamW's beta2 (decay of the squared gradient's running mean)")
+    adam_epsilon: float = opt(1e-8, "AdamW's epsilon (added to the root of the second moment)")
     weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) / L2 (RMSprop)")
     warmup_steps: int = opt(0, "linear warmup from 0 to learning_rate over this many optimizer steps")
     lr_scheduler: str = opt("linear", "learning-rate schedule after warmup", ["constant", "linear", "cosine"])
@@ -364,6 +367,11 @@ def validate(cfg):
             raise UserError(f"key '{name}': must be positive, got {getattr(cfg, name)}")
     if getattr(cfg, "max_eval_examples", None) is not None and cfg.max_eval_examples < 1:
         raise UserError(f"key 'max_eval_examples': must be at least 1 or none, got {cfg.max_eval_examples}")
+    for name in ["adam_beta1", "adam_beta2"]:
+        if hasattr(cfg, name) and not 0 <= getattr(cfg, name) < 1:
+            raise UserError(f"key '{name}': must be in [0, 1), got {getattr(cfg, name)}")
+    if hasattr(cfg, "adam_epsilon") and not cfg.adam_epsilon > 0:
+        raise UserError(f"key 'adam_epsilon': must be positive, got {cfg.adam_epsilon}")
     if hasattr(cfg, "lora_dropout") and not 0 <= cfg.lora_dropout < 1:
         raise UserError(f"key 'lora_dropout': must be in [0, 1), got {cfg.lora_dropout}")
     if hasattr(cfg, "seed") and not 0 <= cfg.seed < 2**32:  # numpy's seeds are 32-bit unsigned
@@ -378,7 +386,7 @@ def validate(cfg):
         raise UserError(f"key 'ref_sync_alpha': must be in (0, 1], got {cfg.ref_sync_alpha}")
     if hasattr(cfg, "num_train_epochs") and getattr(cfg, "max_steps", 0) <= 0 and not cfg.num_train_epochs > 0:
         raise UserError("key 'num_train_epochs': must be positive when max_steps is -1")
-    if getattr(cfg, "dataset", "x") is None:
+    if getattr(cfg, "dataset", "x") is None and not getattr(cfg, "prompts", None):
         raise UserError("key 'dataset' is required (a file, a `datasets` directory or a hub name)")
     if hasattr(cfg, "model") and cfg.model is None:
         raise UserError("key 'model' is required")

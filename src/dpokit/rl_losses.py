@@ -18,8 +18,11 @@ s_t = (x, y_<t); log pi(a_t | s_t) is `logps`, V(s_t) is `values`.
   sequence's baseline is the mean reward of the other k - 1: A_i = R_i - (1/(k-1)) sum_{j != i} R_j.
 - The adaptive KL coefficient of Ziegler et al. (2019, Sec. 2.2): beta <- beta (1 + K_beta e) with
   e = clip(KL / KL_target - 1, -0.2, 0.2) and K_beta = (samples in the batch) / horizon.
-Per-token quantities become one number per response as the mean over its tokens (`masked_mean`
-over dim -1): every response weighs the same, whatever its length.
+Per-token quantities become one number per response (`per_response`): by default the mean over its
+tokens, so every response weighs the same whatever its length (`sequence_mean`, TRL's PPO); or, with
+`token_mean`, the sum over its tokens divided by the mean length of the batch's responses, so that the
+batch's mean over responses is the mean over all its tokens (every token weighs the same: no bias
+towards short responses, the aggregation of Dr. GRPO / DAPO).
 """
 
 import torch
@@ -30,6 +33,25 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+AGGREGATIONS = ("sequence_mean", "token_mean")
+
+
+def per_response(x: torch.Tensor, mask: torch.Tensor, aggregation: str = "sequence_mean") -> torch.Tensor:
+    """Per-token x (N, R) -> one number per response (N,): see the module docstring."""
+    if aggregation == "token_mean":
+        return (x * mask).sum(-1) / mask.sum(-1).mean().clamp(min=1)
+    return masked_mean(x, mask, -1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 for a perfect critic, 0 for
+    one no better than a constant, negative for one worse than that (nan when the returns are constant)."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    error = returns - values
+    var_error = masked_mean((error - masked_mean(error, mask)) ** 2, mask)
+    return float(1.0 - var_error / var_returns) if var_returns > 0 else float("nan")
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -76,24 +98,25 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
 
 
-def ppo_policy_loss(logps, old_logps, advantages, mask, cliprange: float):
-    """Clipped surrogate -> (loss (N,), clip fraction (N,), approx KL(pi_old || pi) (N,)), token means."""
+def ppo_policy_loss(logps, old_logps, advantages, mask, cliprange: float, aggregation: str = "sequence_mean"):
+    """Clipped surrogate -> (loss (N,) aggregated per `per_response`, clip fraction (N,), approx
+    KL(pi_old || pi) (N,)), the last two token means."""
     log_ratio = logps - old_logps
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask, -1)
+    loss = per_response(torch.maximum(unclipped, clipped), mask, aggregation)
     clipfrac = masked_mean((clipped > unclipped).float(), mask, -1)
     approx_kl = masked_mean(0.5 * log_ratio.detach() ** 2, mask, -1)
     return loss, clipfrac.detach(), approx_kl
 
 
-def ppo_value_loss(values, old_values, returns, mask, cliprange_value: float):
+def ppo_value_loss(values, old_values, returns, mask, cliprange_value: float, aggregation: str = "sequence_mean"):
     """Clipped value loss -> (loss (N,), fraction of tokens where the clipped term was larger (N,))."""
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask, -1)
+    loss = 0.5 * per_response(torch.maximum(unclipped_loss, clipped_loss), mask, aggregation)
     clipfrac = masked_mean((clipped_loss > unclipped_loss).float(), mask, -1)
     return loss, clipfrac.detach()
 

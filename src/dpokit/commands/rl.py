@@ -3,20 +3,23 @@
 
     max_pi E_{x, y ~ pi}[ r(x, y) ] - beta KL(pi(.|x) || pi_ref(.|x))          (DPO paper, Eq. 3)
 
-with PPO, or with RLOO (lighter: no value head), on the shared training loop. The objectives are the
-pure functions of rl_losses.py; this file makes rollouts and feeds them.
+with RLOO (the default: no critic to train) or PPO, on the shared training loop. The objectives are
+the pure functions of rl_losses.py; this file makes rollouts and feeds them.
 
 One step of the loop, for its micro-batch of B prompts:
   1. rollout (no gradient): k = num_samples_per_prompt responses per prompt sampled from the policy
-     (generate.sample_responses: ancestral sampling at `temperature`, no top-k / top-p), scored by the
+     (sampling.sample_responses: ancestral sampling at `temperature`, no top-k / top-p), scored by the
      reward (`rm:PATH`, `vader`, `module:function`; minus missing_eos_penalty for responses cut at
      max_new_tokens); the policy's log-probs, values and the reference's log-probs of every response
-     token; per-token KL-penalised rewards; advantages (PPO: GAE over the value head's values; RLOO:
-     the leave-one-out baseline over the k samples of a prompt, one advantage per response), whitened
-     over the micro-batch if whiten_advantages.
-  2. the loss at the current weights: the clipped surrogate (+ vf_coef x the clipped value loss), a
-     token mean per response, averaged over the prompt's k responses -> losses (B,). The loop then
-     takes one optimizer step.
+     token (the output layer in fp32 under bf16 autocast); per-token KL-penalised rewards; advantages
+     (RLOO: the leave-one-out baseline over the k samples of a prompt, one advantage per response; PPO:
+     GAE over the value head's values, lam 1 by default so that an untrained critic adds variance, not
+     bias), whitened over the micro-batch if whiten_advantages.
+  2. the loss at the current weights: the clipped surrogate (+ vf_coef x the clipped value loss), per
+     response by `loss_aggregation` (a mean over its tokens, or the micro-batch's token mean), averaged
+     over the prompt's k responses -> losses (B,). The loop then takes one optimizer step.
+The forwards of both steps lay each prompt out once with its k samples, [prompt | y_1 | ... | y_k]
+(prefix_sharing, train/rl_step.response_batch), rather than k padded copies.
 A rollout is reused for `ppo_epochs` consecutive optimizer steps (PPO's epochs over one batch of
 experience, one minibatch each): at the first, pi = pi_old and the ratio is 1; at the later ones the
 ratio moves and clipping acts. The prompts the loop hands in on those later steps are not used, so
@@ -24,17 +27,26 @@ with ppo_epochs = E an epoch of the loop rolls out 1/E of the prompts: count tra
 The rollouts in use are checkpointed with the run, so resuming stays exact.
 
 Value head (PPO): one linear layer on the policy's last hidden state (the input of its lm_head),
-zero-initialised, trained with the policy (shared trunk). It lives in checkpoints; the final model
-directory holds the policy alone.
+zero-initialised, trained with the policy (shared trunk) at its own learning rate `value_lr` (its own
+optimizer group, train/optim.param_groups): at the policy's rate a zero-initialised head stays near 0.
+`critic_warmup_steps` first train the head alone on detached features (the policy stays pi_ref). It
+lives in checkpoints; the final model directory holds the policy alone.
+
+The adaptive KL coefficient (adaptive_kl) moves beta by at most 20% x (samples in the step) /
+kl_horizon per optimizer step, following the KL of that step's new rollouts.
 
 Of the shared config, `max_length` is unused (responses are bounded by max_new_tokens, prompts by
 max_prompt_length), and per_device_train_batch_size counts prompts (k responses each).
 
-Metrics: `reward` (the reward's score), `kl` (sum over the response of log pi - log pi_ref: the
-sequence KL estimate), `non_score_reward` (-beta kl), `kl_coef`, `entropy` (mean per-token entropy of
-the policy), `policy_loss`, `clipfrac`, `approx_kl` (between pi_old and pi), `value_loss`,
-`value_clipfrac` (PPO), `response_length`. Evaluation samples the held-out prompts and reports
-`eval/reward`, `eval/kl`, and `eval/loss` = -(reward - beta kl).
+Metrics: `reward` (the reward's score, after missing_eos_penalty), `reward_se` (its standard error
+within the rollout), `kl` (sum over the response of log pi - log pi_ref: the sequence KL estimate),
+`non_score_reward` (-beta kl), `kl_coef`, `entropy` (mean per-token entropy of the policy),
+`finished` (the fraction of responses that ended with EOS within max_new_tokens), `advantage_mean`,
+`advantage_std` (before whitening), `policy_loss`, `clipfrac`, `approx_kl` (between pi_old and pi),
+`value_loss`, `value_clipfrac`, `value_explained_variance` (PPO: 1 - Var(G - V) / Var(G) over the
+rollout's tokens; near 0 or below: the critic explains nothing yet), `response_length`. Evaluation
+samples the held-out prompts and reports `eval/reward`, `eval/kl`, `eval/finished` and `eval/loss` =
+-(reward - beta kl).
 """
 
 import typing
@@ -68,10 +80,10 @@ class RLConfig(TrainConfig):
         None, "reference pi_ref of the KL penalty (default: a frozen copy of `model`, normally the SFT model)"
     )
     algorithm: str = opt(
-        "ppo",
-        "ppo: clipped surrogate with a value head and GAE; rloo: REINFORCE with the "
-        "leave-one-out baseline (no value head)",
-        ["ppo", "rloo"],
+        "rloo",
+        "rloo: REINFORCE with the leave-one-out baseline over the k samples of a prompt (no critic to "
+        "train: the default); ppo: clipped surrogate with a value head and GAE",
+        ["rloo", "ppo"],
     )
     num_samples_per_prompt: int = opt(4, "responses sampled per prompt in each rollout (rloo needs >= 2)")
     max_new_tokens: int = opt(48, "maximum tokens per sampled response")
@@ -81,24 +93,62 @@ class RLConfig(TrainConfig):
     kl_coef: float = opt(0.05, "beta: the KL penalty's coefficient (the initial one, with adaptive_kl)")
     adaptive_kl: bool = opt(False, "adapt beta towards target_kl (Ziegler et al., 2019)")
     target_kl: float = opt(6.0, "adaptive_kl: the sequence KL to steer towards")
-    kl_horizon: float = opt(10000.0, "adaptive_kl: horizon K (beta moves by at most 20% x samples / K per step)")
+    kl_horizon: float = opt(
+        1000.0,
+        "adaptive_kl: horizon K, in samples (beta moves by at most 20% x samples-per-step / K per step); "
+        "1000 lets beta change by 2-4x over a few hundred steps of 16-32 samples (Ziegler et al.'s 10000 "
+        "was for batches of 512)",
+    )
     ppo_epochs: int = opt(
         4, "optimizer steps on each rollout (PPO epochs, one minibatch each); 1: a fresh rollout every step"
     )
     cliprange: float = opt(0.2, "PPO's epsilon: the ratio pi / pi_old is clipped to [1 - eps, 1 + eps]")
     cliprange_value: float = opt(0.2, "values are clipped to the rollout's values +- this")
     vf_coef: float = opt(0.1, "weight of the value loss")
+    value_lr: float = opt(
+        1e-4,
+        "PPO: learning rate of the value head (its own optimizer group, scheduled like learning_rate); "
+        "a zero-initialised head at the policy's rate stays near 0 for the whole run",
+    )
+    critic_warmup_steps: int = opt(
+        0,
+        "PPO: optimizer steps at the start that train the value head alone (on the trunk's detached "
+        "features, the policy unchanged), so GAE starts from a trained critic",
+    )
     gamma: float = opt(1.0, "discount factor of GAE")
-    lam: float = opt(0.95, "lambda of GAE")
+    lam: float = opt(
+        1.0,
+        "lambda of GAE; 1: Monte-Carlo advantages (return - V), unbiased whatever the critic; lower "
+        "(e.g. 0.95) once value_explained_variance is well above 0, else an untrained critic biases the credit",
+    )
     whiten_advantages: bool = opt(True, "normalise advantages to mean 0, std 1 over each rollout micro-batch")
     missing_eos_penalty: typing.Optional[float] = opt(
-        None, "subtract this from the reward of responses that did not end with EOS within max_new_tokens"
+        None,
+        "subtract this from the reward of responses that did not end with EOS within max_new_tokens "
+        "(the `finished` metric is the fraction that did); none: a cut response keeps its reward",
+    )
+    loss_aggregation: str = opt(
+        "sequence_mean",
+        "per-token losses -> one per response: sequence_mean (mean over its tokens: every response "
+        "weighs the same) or token_mean (every token of the micro-batch weighs the same: no length bias)",
+        ["sequence_mean", "token_mean"],
+    )
+    prefix_sharing: bool = opt(
+        True,
+        "compute each prompt once for its k samples in the training forwards: one row [prompt | y_1 | ... "
+        "| y_k] with a 4D mask (needs attn_implementation sdpa or eager); false: one padded row per sample",
     )
 
+    def module_learning_rates(self) -> dict:
+        """Modules with their own learning rate (train/optim.param_groups)."""
+        return {"value_head": self.value_lr} if self.algorithm == "ppo" else {}
+
     def check(self):
-        prep.refuse(self, "rl", ("padding_free", "prefix_sharing", "logprob_chunk_size", "use_lora"))
+        prep.refuse(self, "rl", ("padding_free", "logprob_chunk_size", "use_lora"))
         if self.reward is None:
             raise UserError("key 'reward' is required (rm:PATH, vader, or module:function)")
+        if self.value_lr < 0 or self.critic_warmup_steps < 0:
+            raise UserError("keys 'value_lr' and 'critic_warmup_steps': must be non-negative")
         for key in ("num_samples_per_prompt", "max_new_tokens", "ppo_epochs"):
             if getattr(self, key) < 1:
                 raise UserError(f"key '{key}': must be at least 1, got {getattr(self, key)}")

@@ -177,7 +177,7 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
             model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg, params)
+    optimizer = build_optimizer(cfg, model)  # (param groups: per-module learning rates, train/optim.py)
     per_epoch = micro_batches_per_epoch(len(train_examples), cfg.per_device_train_batch_size, ranks)
     total = (
         cfg.max_steps

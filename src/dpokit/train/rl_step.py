@@ -1,7 +1,6 @@
 """The RLHF step (PPO with a value head and GAE, or RLOO): rollouts from the policy scored by a reward,
 then the clipped surrogate on them; see commands/rl.py for the whole method and its metrics."""
 
-import inspect
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,9 +8,11 @@ from pathlib import Path
 import torch
 
 from dpokit.data.batch import pad_right
-from dpokit.logprobs import fp32_output_layer, unwrap
+from dpokit.data.layouts import PROMPT
+from dpokit.logprobs import fp32_output_layer, kept_positions, model_inputs, unwrap
 from dpokit.rl_losses import (
     KLController,
+    explained_variance,
     gae,
     kl_penalised_rewards,
     masked_mean,
@@ -40,27 +41,77 @@ def collate_prompts(examples: list) -> dict:
     }
 
 
-def response_batch(prompt_ids: list, responses: list, pad_id: int, device) -> dict:
-    """N (prompt, response) -> right-padded sequences (N, T) and where each response token is predicted:
-    `positions` (N, R), the index of the position whose logits give response token j (clamped past the end),
-    `targets` (N, R), `mask` (N, R)."""
-    seqs = [p + r for p, r in zip(prompt_ids, responses)]
+def response_batch(prompt_ids: list, responses: list, pad_id: int, device, k: int = 1, shared: bool = False) -> dict:
+    """N = B k (prompt, response) -> the forward's input and, for every response token, where it is predicted.
+
+    `prompt_ids` holds the B prompts, each followed by its k responses in `responses`. Padded layout
+    (shared False): N right-padded rows prompt + response, (N, T). Shared layout: one row per prompt,
+    [prompt | y_1 | ... | y_k], (B, T): the prompt is computed once for its k samples; each y_i starts at
+    position len(prompt) and attends to the prompt and itself only (layouts.prefix_shared_mask), so its
+    log-probs equal the padded layout's (tests/test_rl.py checks it to 1e-4).
+
+    `positions` (N, R): the flat index into input_ids.view(-1) of the position whose logits predict
+    response token j (clamped past the end of a shorter response), `targets` (N, R), `mask` (N, R)."""
     R = max(len(r) for r in responses)
-    positions = torch.tensor(
-        [[len(p) - 1 + min(j, len(r) - 1) for j in range(R)] for p, r in zip(prompt_ids, responses)]
-    )
-    return {
-        "input_ids": pad_right(seqs, pad_id).to(device),
-        "attention_mask": pad_right([[1] * len(s) for s in seqs], 0).to(device),
-        "positions": positions.to(device),
-        "targets": pad_right(responses, pad_id).to(device),
-        "mask": pad_right([[1] * len(r) for r in responses], 0).float().to(device),
-    }
+    targets = pad_right(responses, pad_id)
+    mask = pad_right([[1] * len(r) for r in responses], 0).float()
+    if not shared:
+        rows = [p for p in prompt_ids for _ in range(k)]
+        seqs = [p + r for p, r in zip(rows, responses)]
+        T = max(len(q) for q in seqs)
+        positions = torch.tensor(
+            [
+                [n * T + len(p) - 1 + min(j, len(r) - 1) for j in range(R)]
+                for n, (p, r) in enumerate(zip(rows, responses))
+            ]
+        )
+        batch = {
+            "input_ids": pad_right(seqs, pad_id),
+            "attention_mask": pad_right([[1] * len(q) for q in seqs], 0),
+        }
+    else:
+        B = len(prompt_ids)
+        T = max(len(p) + sum(len(r) for r in responses[b * k : (b + 1) * k]) for b, p in enumerate(prompt_ids))
+        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+        position_ids = torch.zeros((B, T), dtype=torch.long)
+        sequence_ids = torch.full((B, T), -1, dtype=torch.long)
+        segment_ids = torch.full((B, T), -1, dtype=torch.long)
+        positions = torch.zeros((B * k, R), dtype=torch.long)
+        for b, p in enumerate(prompt_ids):
+            P = len(p)
+            input_ids[b, :P], position_ids[b, :P], segment_ids[b, :P] = torch.tensor(p), torch.arange(P), PROMPT
+            start = P
+            for i in range(k):
+                n, r = b * k + i, responses[b * k + i]
+                span = slice(start, start + len(r))
+                input_ids[b, span], position_ids[b, span] = torch.tensor(r), torch.arange(P, P + len(r))
+                segment_ids[b, span] = 1 + i  # response i: sees the prompt and itself
+                # token 0 is predicted from the last prompt token, token j from the response's token j - 1
+                local = [P - 1] + list(range(start, start + len(r) - 1))
+                positions[n] = torch.tensor([b * T + local[min(j, len(r) - 1)] for j in range(R)])
+                start += len(r)
+            sequence_ids[b, :start] = b
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "sequence_ids": sequence_ids,
+            "segment_ids": segment_ids,
+        }
+    batch.update(positions=positions, targets=targets, mask=mask)
+    return {key: v.to(device) for key, v in batch.items()}
 
 
-def token_stats(model, seqs: dict, temperature: float = 1.0, value_head: bool = False) -> dict:
-    """One forward over the sequences -> per response token (N, R): `logps` log pi(a_t|s_t) at the
-    temperature, `entropy` of pi(.|s_t), and `values` V(s_t) from the value head on the last hidden state.
+def forward_inputs(model, seqs: dict) -> dict:
+    """The model's keyword arguments for a response_batch: padded, or prefix-shared with its 4D mask."""
+    if "segment_ids" not in seqs:
+        return {"input_ids": seqs["input_ids"], "attention_mask": seqs["attention_mask"]}
+    return model_inputs(model, {**seqs, "layout": "prefix_shared"})
+
+
+def token_stats(model, seqs: dict, temperature: float = 1.0, value_head: bool = False, detach_values=False) -> dict:
+    """One forward over a response_batch -> per response token (N, R): `logps` log pi(a_t|s_t) at the
+    temperature, `entropy` of pi(.|s_t), and `values` V(s_t) from the value head on the last hidden state
+    (on a detached one with `detach_values`: the value loss then trains the head alone).
 
     The logits come from the output layer run in fp32 even under bf16 autocast (logprobs.fp32_output_layer)
     and log pi = z - logsumexp(z). With the model's own bf16 head the old, new and reference log-probs
@@ -74,27 +125,26 @@ def token_stats(model, seqs: dict, temperature: float = 1.0, value_head: bool = 
         if value_head
         else None
     )
-    T, pos = seqs["input_ids"].shape[1], seqs["positions"]  # pos: (N, R)
-    extra = {}
-    if "logits_to_keep" in inspect.signature(inner.forward).parameters:
-        keep = T - int(pos.min())  # no logits (nor value-head inputs) for the prompts' positions
-        extra, pos = {"logits_to_keep": keep}, pos - (T - keep)
+    pos = seqs["positions"]  # (N, R) flat indices
+    N, R = pos.shape
+    # logits (and value-head inputs) only at the positions that predict response tokens
+    keep, rows = kept_positions(model, pos.flatten(), seqs["input_ids"].shape)
+    extra = {} if keep is None else {"logits_to_keep": keep}
     try:
-        with fp32_output_layer(model):  # (after the value head's hook: that one sees every position)
-            logits = model(
-                input_ids=seqs["input_ids"], attention_mask=seqs["attention_mask"], use_cache=False, **extra
-            ).logits  # (N, K, V) fp32
+        with fp32_output_layer(model):  # (after the value head's hook: that one sees the head's real input)
+            logits = model(**forward_inputs(model, seqs), use_cache=False, **extra).logits  # (rows, K, V) fp32
     finally:
         if hook is not None:
             hook.remove()
-    picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature  # (N, R, V)
+    picked = logits.flatten(0, 1)[rows].view(N, R, -1).float() / temperature  # (N, R, V)
     logp_all = picked - picked.logsumexp(-1, keepdim=True)  # not log_softmax: see logprobs.token_logps
     out = {
         "logps": logp_all.gather(-1, seqs["targets"][..., None]).squeeze(-1),
         "entropy": -(logp_all.exp() * logp_all).sum(-1).detach(),
     }
     if value_head:
-        h = hidden[0].gather(1, pos[..., None].expand(-1, -1, hidden[0].shape[-1]))  # (N, R, H)
+        h = hidden[0].flatten(0, 1)[rows].view(N, R, -1)  # (N, R, H)
+        h = h.detach() if detach_values else h
         out["values"] = inner.value_head(h.to(inner.value_head.weight.dtype)).squeeze(-1).float()
     return out
 
@@ -128,17 +178,33 @@ class RLStep:
         finished = torch.tensor([r[-1] == tok.eos_token_id for r in responses], device=device)
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~finished).float()
-        seqs = response_batch(prompt_ids, responses, tok.pad_token_id, device)
+        seqs = response_batch(batch["prompt_ids"], responses, tok.pad_token_id, device, k, cfg.prefix_sharing)
         mask = seqs["mask"]
         own = token_stats(policy, seqs, cfg.temperature, value_head=self.ppo)
         ref = token_stats(self.reference, seqs, cfg.temperature)
         rewards, kl = kl_penalised_rewards(scores, own["logps"], ref["logps"], mask, self.kl.value)
+        N = len(scores)
+        diagnostics = {
+            "finished": finished.float(),
+            # the rollout's own spread: how much of the reward's change between steps is noise
+            "reward_se": torch.full_like(scores, float(scores.std() / N**0.5) if N > 1 else 0.0),
+        }
         if self.ppo:
             advantages, returns = gae(rewards, own["values"], mask, cfg.gamma, cfg.lam)
+            token_advantages = advantages
+            ev = explained_variance(own["values"], returns, mask)
+            diagnostics["value_explained_variance"] = torch.full_like(scores, ev)
         else:
             sequence_rewards = (rewards * mask).sum(-1)  # r - beta KL, (N,)
             advantages = rloo_advantages(sequence_rewards.view(-1, k)).view(-1, 1) * mask
-            returns = None
+            token_advantages, returns = advantages, None
+        # before whitening: the scale the policy gradient would have without it
+        adv_mean = masked_mean(token_advantages, mask)
+        adv_std = masked_mean((token_advantages - adv_mean) ** 2, mask).sqrt()
+        diagnostics.update(
+            advantage_mean=torch.full_like(scores, float(adv_mean)),
+            advantage_std=torch.full_like(scores, float(adv_std)),
+        )
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         out = {
@@ -149,6 +215,7 @@ class RLStep:
             "kl": kl.sum(-1),
             "kl_coef": torch.full_like(scores, self.kl.value),
             "lengths": mask.sum(-1),
+            **diagnostics,
         }
         if self.ppo:
             out.update(old_values=own["values"], returns=returns)
@@ -162,36 +229,47 @@ class RLStep:
     def __call__(self, model, batch):
         if not model.training:
             return self.evaluate(model, batch)
-        ga = self.cfg.gradient_accumulation_steps
+        cfg = self.cfg
+        ga = cfg.gradient_accumulation_steps
         micro, optimizer_step = self.calls % ga, self.calls // ga
         self.calls += 1
         if micro == 0:
             self.kl_sums = [0.0, 0]
-        if optimizer_step % self.cfg.ppo_epochs == 0 or micro not in self.rollouts:
+        if optimizer_step % cfg.ppo_epochs == 0 or micro not in self.rollouts:
             self.rollouts[micro] = self.rollout(model, batch)
             self.kl_sums[0] += float(self.rollouts[micro]["kl"].sum())
             self.kl_sums[1] += len(self.rollouts[micro]["kl"])
         r = self.rollouts[micro]
         mask = r["mask"]
-        now = token_stats(model, r, self.cfg.temperature, value_head=self.ppo)
+        # critic warm-up (PPO): the value head alone learns, on the trunk's detached features; the policy stays pi_ref
+        warming = self.ppo and optimizer_step < cfg.critic_warmup_steps
+        now = token_stats(model, r, cfg.temperature, value_head=self.ppo, detach_values=warming)
         policy_loss, clipfrac, approx_kl = ppo_policy_loss(
-            now["logps"], r["old_logps"], r["advantages"], mask, self.cfg.cliprange
+            now["logps"], r["old_logps"], r["advantages"], mask, cfg.cliprange, cfg.loss_aggregation
         )
-        loss = policy_loss
+        loss = policy_loss * (0.0 if warming else 1.0)
         metrics = {"policy_loss": policy_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl}
         if self.ppo:
             value_loss, value_clipfrac = ppo_value_loss(
-                now["values"], r["old_values"], r["returns"], mask, self.cfg.cliprange_value
+                now["values"], r["old_values"], r["returns"], mask, cfg.cliprange_value, cfg.loss_aggregation
             )
-            loss = loss + self.cfg.vf_coef * value_loss
-            metrics.update(value_loss=value_loss.detach(), value_clipfrac=value_clipfrac)
+            loss = loss + cfg.vf_coef * value_loss
+            metrics.update(
+                value_loss=value_loss.detach(),
+                value_clipfrac=value_clipfrac,
+                value_explained_variance=r["value_explained_variance"],
+            )
         metrics.update(
             reward=r["scores"],
+            reward_se=r["reward_se"],
             kl=r["kl"],
             non_score_reward=-r["kl_coef"] * r["kl"],
             kl_coef=r["kl_coef"],
             entropy=masked_mean(now["entropy"], mask, -1),
             response_length=r["lengths"],
+            finished=r["finished"],
+            advantage_mean=r["advantage_mean"],
+            advantage_std=r["advantage_std"],
         )
         return self.per_prompt(loss), {k: self.per_prompt(v) for k, v in metrics.items()}
 
@@ -202,7 +280,7 @@ class RLStep:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed)
             r = self.rollout(model, batch)
-        metrics = {"reward": r["scores"], "kl": r["kl"], "response_length": r["lengths"]}
+        metrics = {"reward": r["scores"], "kl": r["kl"], "response_length": r["lengths"], "finished": r["finished"]}
         losses = -(r["scores"] - self.kl.value * r["kl"])
         return self.per_prompt(losses), {k: self.per_prompt(v) for k, v in metrics.items()}
 
