@@ -387,7 +387,8 @@ def validate(cfg):
     if hasattr(cfg, "num_train_epochs") and getattr(cfg, "max_steps", 0) <= 0 and not cfg.num_train_epochs > 0:
         raise UserError("key 'num_train_epochs': must be positive when max_steps is -1")
     if getattr(cfg, "dataset", "x") is None and not getattr(cfg, "prompts", None):
-        raise UserError("key 'dataset' is required (a file, a `datasets` directory or a hub name)")
+        alternative = " (or 'prompts')" if hasattr(cfg, "prompts") else ""
+        raise UserError(f"key 'dataset'{alternative} is required (a file, a `datasets` directory or a hub name)")
     if hasattr(cfg, "model") and cfg.model is None:
         raise UserError("key 'model' is required")
     if hasattr(cfg, "check_reporting"):

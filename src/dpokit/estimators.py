@@ -78,3 +78,38 @@ def read_curve(xs, fitted, at: float) -> float:
     if len(xs) == 0 or at > xs[-1] or at < xs[0]:
         return float("nan")
     return float(np.interp(at, xs, fitted))
+
+
+def frontier_curves(point_rewards, point_kls, reference_rewards, at, indices=None) -> np.ndarray:
+    """One method's frontier read at the KLs `at`: the isotonic fit through the reference (KL 0, its
+    mean reward) and the method's points, each a mean over prompts (`indices`: the prompts to average,
+    with repeats, for a bootstrap replicate; (B, P) gives B replicates) -> (len(at),) or (B, len(at))."""
+    R = np.asarray(point_rewards, dtype=float)  # (n, P)
+    K = np.asarray(point_kls, dtype=float)  # (n, P)
+    ref = np.asarray(reference_rewards, dtype=float)  # (P,)
+    single = indices is None
+    idx = np.arange(R.shape[1])[None] if single else np.asarray(indices)  # (B, P)
+    rewards, kls, ref_means = R[:, idx].mean(-1), K[:, idx].mean(-1), ref[idx].mean(-1)  # (n, B), (n, B), (B,)
+    out = np.empty((idx.shape[0], len(at)))
+    for b in range(idx.shape[0]):
+        xs, fitted = isotonic(np.r_[0.0, kls[:, b]], np.r_[ref_means[b], rewards[:, b]])
+        out[b] = [read_curve(xs, fitted, x) for x in at]
+    return out[0] if single else out
+
+
+def compare_at(curves_a, curves_b, point_a, point_b, level: float = 0.95) -> dict:
+    """Bootstrap replicates (B,) of two methods' frontiers at one KL (the same prompt resamples for both)
+    -> the difference a - b, its percentile interval, and the fraction of replicates where either
+    curve did not reach this KL."""
+    a, b = np.asarray(curves_a, dtype=float), np.asarray(curves_b, dtype=float)
+    ok = ~(np.isnan(a) | np.isnan(b))
+    lo_q, hi_q = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    if not ok.any() or math.isnan(point_a) or math.isnan(point_b):
+        return {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "unreached": 1.0}
+    d = a[ok] - b[ok]
+    return {
+        "difference": float(point_a - point_b),
+        "low": float(np.percentile(d, lo_q)),
+        "high": float(np.percentile(d, hi_q)),
+        "unreached": float(1 - ok.mean()),
+    }

@@ -47,6 +47,22 @@ class FrontierConfig:
     pattern: str = opt("eval*.json", "file-name pattern of eval results when searching a directory")
     output_dir: str = opt("runs/frontier", "where frontier.png, frontier.md and frontier.json are written")
     title: str = opt("reward vs KL frontier", "title of the plot")
+    verdict_kls: typing.List[float] = opt(
+        [0.5, 1.0, 2.0, 3.0, 4.0], "KLs (nats) at which the methods' frontiers are compared"
+    )
+    bootstrap_samples: int = opt(
+        1000, "bootstrap replicates (prompts resampled jointly across every checkpoint, run and method)"
+    )
+    confidence: float = opt(0.95, "level of the bootstrap intervals")
+    seed: int = opt(0, "seed of the bootstrap")
+
+    def check(self):
+        if self.bootstrap_samples < 10:
+            raise UserError(f"key 'bootstrap_samples': at least 10, got {self.bootstrap_samples}")
+        if not 0.5 <= self.confidence < 1:
+            raise UserError(f"key 'confidence': must be in [0.5, 1), got {self.confidence}")
+        if any(not k > 0 for k in self.verdict_kls):
+            raise UserError("key 'verdict_kls': every KL must be positive")
 
 
 @dataclass
@@ -64,6 +80,8 @@ class Point:
     implicit_reward_accuracy: typing.Optional[float]
     file: str
     on_front: bool = False  # on its method's Pareto front: no point of the method has lower KL and more reward
+    per_prompt: typing.Optional[dict] = None  # {"reward": [...], "kl": [...]}: the eval's per-prompt numbers
+    prompts: typing.Optional[str] = None  # the eval's prompts_fingerprint: points are paired only on the same prompts
 
 
 # --- finding and reading the eval results ---------------------------------------------------------------------
@@ -200,7 +218,11 @@ def collect(files) -> tuple[list, list, dict]:
         rewards.setdefault(str(data.get("reward_fn", "reward")), path)
         pol, ref = data["policy"], data["reference"]
         ref_key = (str(ref.get("model")), ref["reward"], ref["kl"])
-        references.setdefault(ref_key, reference_point(ref, path))
+        if ref_key not in references:
+            references[ref_key] = reference_point(ref, path)
+            references[ref_key].per_prompt = per_prompt_of(ref, path, ("reward",), data.get("prompts_fingerprint"))
+            references[ref_key].prompts = data.get("prompts_fingerprint")
+            references[ref_key].rewards_per_prompt = ref.get("rewards_per_prompt")
         found = run_of(path, data)
         if found is None:
             if pol.get("model") is not None and pol.get("model") == ref.get("model"):
@@ -225,9 +247,25 @@ def collect(files) -> tuple[list, list, dict]:
                 _opt(pol.get("win_rate_se")),
                 _opt(pol.get("implicit_reward_accuracy")),
                 str(path),
+                per_prompt=per_prompt_of(pol, path, ("reward", "kl"), data.get("prompts_fingerprint")),
+                prompts=data.get("prompts_fingerprint"),
             )
         )
     return dedupe(points), list(references.values()), rewards
+
+
+def per_prompt_of(side: dict, path, keys, prompts) -> typing.Optional[dict]:
+    """An eval side's per-prompt numbers, checked (None when the eval predates them)."""
+    got = side.get("per_prompt")
+    if got is None or prompts is None:
+        return None
+    if not isinstance(got, dict) or any(
+        not isinstance(got.get(k), list) or not all(_is_number(v) for v in got[k]) for k in keys
+    ):
+        raise UserError(f"{path}: field 'per_prompt': expected lists of numbers for {', '.join(keys)}")
+    if len({len(got[k]) for k in keys}) != 1:
+        raise UserError(f"{path}: field 'per_prompt': lists of different lengths")
+    return {k: got[k] for k in keys}
 
 
 def _opt(v):
@@ -276,6 +314,109 @@ def mark_fronts(points):
         )
 
 
+# --- frontier estimates, intervals, verdict ------------------------------------------------------------------
+
+
+def analyse(points, references, cfg) -> typing.Optional[dict]:
+    """Each method's frontier (isotonic fit through pi_ref and its checkpoints) with bootstrap intervals
+    that resample prompts jointly across all checkpoints, runs and methods; the pairwise verdict at each
+    of cfg.verdict_kls; the oracle and best-of-n curves from the reference's extra samples. None when
+    the evals carry no per-prompt numbers (older `dpokit eval`)."""
+    import numpy as np
+
+    from dpokit.estimators import best_of_n, compare_at, frontier_curves, oracle_tilt
+
+    ref = next((r for r in references if r.per_prompt is not None), None)
+    usable = [p for p in points if ref is not None and p.per_prompt is not None and p.prompts == ref.prompts]
+    if not usable:
+        log.warning("no per-prompt numbers on shared prompts in these evals: no frontier estimates or verdict")
+        return None
+    skipped = len(points) - len(usable)
+    if skipped:
+        log.warning("%d point(s) without per-prompt numbers on the reference's prompts: left out of the fits", skipped)
+    ref_rewards = ref.per_prompt["reward"]
+    P = len(ref_rewards)
+    methods = sorted({p.method for p in usable}, key=lambda m: (m != "dpo", m))
+    top = max(p.kl for p in usable)
+    grid = sorted(set(np.round(np.linspace(0.0, top, 41), 4).tolist()) | set(cfg.verdict_kls))
+    indices = np.random.default_rng(cfg.seed).integers(0, P, (cfg.bootstrap_samples, P))  # (B, P)
+    lo_q, hi_q = (1 - cfg.confidence) / 2 * 100, (1 + cfg.confidence) / 2 * 100
+    curves, boots = {}, {}
+    for m in methods:
+        pts = [p for p in usable if p.method == m]
+        R = [p.per_prompt["reward"] for p in pts]
+        K = [p.per_prompt["kl"] for p in pts]
+        if any(len(r) != P for r in R):
+            raise UserError(f"{pts[0].file}: per-prompt numbers for {len(R[0])} prompts, the reference's for {P}")
+        point = frontier_curves(R, K, ref_rewards, grid)
+        boot = boots[m] = frontier_curves(R, K, ref_rewards, grid, indices)  # (B, len(grid))
+        reached = ~np.isnan(boot)
+        low = [
+            float(np.percentile(boot[reached[:, j], j], lo_q)) if reached[:, j].any() else None
+            for j in range(len(grid))
+        ]
+        high = [
+            float(np.percentile(boot[reached[:, j], j], hi_q)) if reached[:, j].any() else None
+            for j in range(len(grid))
+        ]
+        curves[m] = {
+            "kl": grid,
+            "reward": [None if np.isnan(v) else float(v) for v in point],
+            "low": low,
+            "high": high,
+            "points": len(pts),
+            "points_between_0.5_and_4": sum(1 for p in pts if 0.5 <= p.kl <= 4),
+        }
+    verdict = []
+    for x in cfg.verdict_kls:
+        j = grid.index(x)
+        for i, a in enumerate(methods):
+            for b in methods[i + 1 :]:
+                pa, pb = curves[a]["reward"][j], curves[b]["reward"][j]
+                nan = float("nan")
+                c = compare_at(
+                    boots[a][:, j], boots[b][:, j], nan if pa is None else pa, nan if pb is None else pb, cfg.confidence
+                )
+                verdict.append({"kl": x, "a": a, "b": b, **c, "text": verdict_text(a, b, pa, pb, c)})
+    out = {"frontiers": curves, "verdict": verdict, "prompts": P, "bootstrap_samples": cfg.bootstrap_samples}
+    many = getattr(ref, "rewards_per_prompt", None)
+    if many:
+        k = len(many[0])
+        tilt = sorted(oracle_tilt(many, beta)[::-1] for beta in np.geomspace(0.02, 20, 50))
+        out["oracle"] = {
+            "samples_per_prompt": k,
+            "kl": [t[0] for t in tilt],
+            "reward": [t[1] for t in tilt],
+            "reliable_below_kl": math.log(k) - 1,
+        }
+        ns = sorted({n for n in (2**i for i in range(20)) if n <= k} | {k})
+        bon = [best_of_n(many, n) for n in ns]
+        out["best_of_n"] = {"n": ns, "reward": [b[0] for b in bon], "kl": [b[1] for b in bon]}
+    return out
+
+
+def verdict_text(a, b, pa, pb, c) -> str:
+    if pa is None or pb is None or c["unreached"] > 0.05:
+        missing = [m for m, v in ((a, pa), (b, pb)) if v is None] or ["one of them in some bootstrap replicates"]
+        return f"not reached by {' and '.join(missing)}"
+    if c["low"] > 0:
+        return f"{a} higher by {c['difference']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
+    if c["high"] < 0:
+        return f"{b} higher by {-c['difference']:.3f} [{-c['high']:.3f}, {-c['low']:.3f}]"
+    return f"no difference larger than {max(abs(c['low']), abs(c['high'])):.3f} ({a} - {b} = {c['difference']:+.3f})"
+
+
+def verdict_table(analysis, confidence) -> str:
+    lines = [
+        f"| KL (nats) | {'A'} | {'B'} | frontier A - B [{confidence:.0%} interval] | verdict |",
+        "| ---: | --- | --- | ---: | --- |",
+    ]
+    for v in analysis["verdict"]:
+        d = "" if math.isnan(v["difference"]) else f"{v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
+        lines.append(f"| {v['kl']:g} | {v['a']} | {v['b']} | {d} | {v['text']} |")
+    return "\n".join(lines)
+
+
 # --- outputs ------------------------------------------------------------------------------------------------
 
 COLOURS = {"reference": "black", "dpo": "tab:blue", "ppo": "tab:orange", "rloo": "tab:green", "sft": "tab:purple"}
@@ -305,7 +446,7 @@ def _setting_value(setting: str):
         return (1, 0.0, setting)
 
 
-def plot(points, references, out_png, title, reward_name):
+def plot(points, references, out_png, title, reward_name, analysis=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -354,6 +495,22 @@ def plot(points, references, out_png, title, reward_name):
             ls="none",
         )
     handles = [plt.Line2D([], [], color=colour[m], marker="o", lw=1.2, label=m) for m in methods]
+    if analysis:
+        for m, c in analysis["frontiers"].items():
+            xs = [x for x, v in zip(c["kl"], c["reward"]) if v is not None]
+            ax.plot(xs, [v for v in c["reward"] if v is not None], color=colour[m], lw=2.4, alpha=0.55)
+            band = [(x, lo, hi) for x, lo, hi in zip(c["kl"], c["low"], c["high"]) if lo is not None]
+            if band:
+                bx, blo, bhi = zip(*band)
+                ax.fill_between(bx, blo, bhi, color=colour[m], alpha=0.12, lw=0)
+        if "oracle" in analysis:
+            o = analysis["oracle"]
+            ax.plot(o["kl"], o["reward"], color="black", ls="--", lw=1.2)
+            handles.append(plt.Line2D([], [], color="black", ls="--", label="oracle pi_ref exp(r/beta)/Z"))
+        if "best_of_n" in analysis:
+            b = analysis["best_of_n"]
+            ax.plot(b["kl"], b["reward"], color="gray", ls=":", marker="x", ms=5, lw=1.2)
+            handles.append(plt.Line2D([], [], color="gray", ls=":", marker="x", label="best of n (pi_ref)"))
     if references:
         handles.insert(0, plt.Line2D([], [], color="black", marker="*", ms=10, ls="none", label="reference (pi_ref)"))
     ax.legend(handles=handles, loc="best", fontsize=8)
@@ -364,13 +521,21 @@ def plot(points, references, out_png, title, reward_name):
     fig.text(
         0.01,
         0.01,
-        "lines: checkpoints of one run in step order, labelled at the last; bars: ±1 s.e.",
+        "thin lines: checkpoints of one run in step order, labelled at the last; bars: ±1 s.e.; thick "
+        "lines and bands: each method's isotonic frontier with its bootstrap interval",
         fontsize=7,
         color="gray",
     )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
+
+
+def _public(p) -> dict:
+    """A point as frontier.json lists it (without its per-prompt numbers, which stay in the eval files)."""
+    d = asdict(p)
+    d.pop("per_prompt", None)
+    return d
 
 
 def _pm(v, se, f="{:+.3f}") -> str:
@@ -423,17 +588,26 @@ def frontier(config=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
-    plot(points, references, out / "frontier.png", cfg.title, reward_names[0])
+    analysis = analyse(points, references, cfg)
+    plot(points, references, out / "frontier.png", cfg.title, reward_names[0], analysis)
     md = table(points, references)
-    atomic_write_text(
-        out / "frontier.md",
-        f"{md}\n\n`front`: on its method's reward/KL Pareto front (no point of "
-        "the same method has lower KL and higher reward).\n",
+    notes = (
+        "`front`: on its method's reward/KL Pareto front (no point of the same method has lower KL and "
+        "higher reward).\n"
     )
+    if analysis:
+        md += (
+            f"\n\nEach method's frontier: the isotonic (non-decreasing) fit of reward on KL through pi_ref and "
+            f"its checkpoints, read at each KL; intervals: {cfg.confidence:.0%} bootstrap percentiles over "
+            f"{analysis['bootstrap_samples']} resamples of the {analysis['prompts']} prompts, the same "
+            "resample for every checkpoint, run and method.\n\n" + verdict_table(analysis, cfg.confidence)
+        )
+    atomic_write_text(out / "frontier.md", f"{md}\n\n{notes}")
     result = {
         "reward_fn": reward_names[0],
-        "references": [asdict(r) for r in references],
-        "points": [asdict(p) for pts in by_run(points).values() for p in pts],
+        "references": [_public(r) for r in references],
+        "points": [_public(p) for pts in by_run(points).values() for p in pts],
+        **(analysis or {}),
     }
     atomic_write_text(out / "frontier.json", json.dumps(result, indent=2))
     print(md)
