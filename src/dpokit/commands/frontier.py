@@ -12,7 +12,8 @@ policy is read from the run itself, never from file names:
   a policy that is its own reference (`dpokit eval model=X ref_model=X`)
       -> the reference point, KL 0.
 
-From the config: `algorithm` (ppo / rloo) with its `kl_coef`, or a DPO-family `loss_type` (`dpo` for the
+From the config: `algorithm` (ppo / rloo; rloo-rm / ppo-rm on a learned `rm:` reward) with its
+`kl_coef`, or a DPO-family `loss_type` (`dpo` for the
 sigmoid loss, otherwise the loss names) with its `beta`. Points of one run (one output directory) are
 joined in step order and labelled with the setting; every method gets one colour. The reference's own
 samples, which every eval JSON also carries, give the reference point (KL 0) once per reference model.
@@ -195,7 +196,9 @@ def method_of(cfg: dict, where) -> tuple[str, str]:
     """(method, setting) from a run's resolved config."""
     if "algorithm" in cfg and "kl_coef" in cfg:  # dpokit rl
         setting = f"kl_coef={_num(cfg['kl_coef'])}" + (" (adaptive)" if cfg.get("adaptive_kl") else "")
-        return str(cfg["algorithm"]), setting
+        # on a learned reward model (`rm:PATH`) it is another method than on the true reward
+        learned = str(cfg.get("reward", "")).startswith("rm:")
+        return str(cfg["algorithm"]) + ("-rm" if learned else ""), setting
     if "loss_type" in cfg and "beta" in cfg:  # dpokit dpo and its loss family
         losses = cfg["loss_type"] if isinstance(cfg["loss_type"], list) else [cfg["loss_type"]]
         method = "dpo" if losses == ["sigmoid"] else "+".join(map(str, losses))

@@ -1,0 +1,265 @@
+"""The DPO-versus-RL frontier sweep of issue 16 (docs/frontier.md), incremental across sittings and machines.
+
+Runs (seed S, default 0), each trained, then every checkpoint evaluated on the same 220 held-out prompts:
+
+  dpo-beta{0.1,0.5,2}          `dpokit dpo`, ~one epoch of the 1,100 pairs, 5 checkpoints  (configs/sweep/dpo.yaml)
+  rloo-target{1.3,2.7,4.4}     `dpokit rl` RLOO on VADER, adaptive KL towards each target    (configs/sweep/rloo.yaml)
+  ppo-target2.7                `dpokit rl` PPO with the value head's own lr and a critic warm-up
+  rm, rloo-rm-target2.7        `dpokit rm` on the same pairs, then RLOO on that reward model
+  reference                    pi_ref against itself: the reference's samples, cached for every eval
+
+Small results are written under --results (default examples/sentiment/results/seed<S>/, committed):
+per run `run.json` (the exact commands, wall times, machine), per checkpoint `eval.json` and the
+checkpoint's `trainer_state.json` (what `dpokit frontier` reads to tell method, setting and step).
+Checkpoints go under --out (not committed). A run whose run.json says done is skipped; a run
+interrupted mid-way resumes from its newest checkpoint (resume=auto) if --out still holds it, and
+evaluations already in --results are not redone. Then `dpokit frontier` redraws the picture and the
+verdict from --results.
+
+    OMP_NUM_THREADS=1 .venv/bin/python examples/sentiment/sweep.py                # seed 0, two workers
+    .venv/bin/python examples/sentiment/sweep.py --seed 1                          # the second seed
+    .venv/bin/python examples/sentiment/sweep.py --dry-run                         # the plan, what is done
+    .venv/bin/python examples/sentiment/sweep.py --smoke --model DIR --out T --results T/results
+
+Two workers run two runs at once, each a single-threaded process (OMP_NUM_THREADS=1): on a small CPU
+two single-thread processes get more done than one two-thread process (small matrices, sampling).
+--smoke: the same plan at toy sizes (a few steps, 4 prompts, a few tokens) for testing the driver.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = Path(os.path.relpath(HERE / "configs" / "sweep"))
+
+BETAS = [0.1, 0.5, 2.0]
+# (initial kl_coef, target KL in nats): the adaptive controller steers each run to its target
+KL_TARGETS = [(0.2, 1.3), (0.1, 2.7), (0.05, 4.4)]
+
+# --smoke: toy sizes for every stage (seconds per run on a tiny model)
+SMOKE = {
+    "dpo": ["max_steps=2", "save_steps=1", "per_device_train_batch_size=2", "warmup_steps=0", "max_length=64"],
+    "rl": [
+        "max_steps=2",
+        "save_steps=1",
+        "per_device_train_batch_size=2",
+        "num_samples_per_prompt=2",
+        "max_new_tokens=4",
+        "warmup_steps=0",
+    ],
+    "rm": ["max_steps=2", "per_device_train_batch_size=2", "max_length=64"],
+    "eval": ["num_samples=4", "max_new_tokens=4", "reference_samples_per_prompt=2", "per_device_eval_batch_size=4"],
+}
+
+
+@dataclass
+class Run:
+    name: str
+    train: list  # `dpokit` arguments, or [] for the reference's evaluation
+    needs: list = field(default_factory=list)  # runs that must be done first
+    evaluate: bool = True  # evaluate its checkpoints (the reward model is not a policy)
+
+
+def plan(args) -> list:
+    out, model, seed = Path(args.out), args.model, args.seed
+    smoke = args.smoke
+    common = [f"model={model}", f"seed={seed}", "resume=auto"]
+    runs = [Run("reference", [])]
+    for beta in BETAS:
+        name = f"dpo-beta{beta:g}"
+        runs.append(
+            Run(
+                name,
+                ["dpo", "--config", str(CONFIGS / "dpo.yaml"), *common, f"beta={beta:g}", f"output_dir={out / name}"]
+                + (SMOKE["dpo"] if smoke else []),
+            )
+        )
+    rl = ["rl", "--config", str(CONFIGS / "rloo.yaml"), *common] + (SMOKE["rl"] if smoke else [])
+    for coef, target in KL_TARGETS:
+        name = f"rloo-target{target:g}"
+        runs.append(Run(name, [*rl, f"kl_coef={coef:g}", f"target_kl={target:g}", f"output_dir={out / name}"]))
+    coef, target = KL_TARGETS[1]
+    name = f"ppo-target{target:g}"
+    ppo = ["algorithm=ppo", "value_lr=1e-4", "critic_warmup_steps=" + ("1" if smoke else "10"), "lam=1.0"]
+    runs.append(Run(name, [*rl, *ppo, f"kl_coef={coef:g}", f"target_kl={target:g}", f"output_dir={out / name}"]))
+    rm = ["rm", "--config", str(CONFIGS / "rm.yaml"), *common, f"output_dir={out / 'rm'}"]
+    runs.append(Run("rm", rm + (SMOKE["rm"] if smoke else []), evaluate=False))
+    name = f"rloo-rm-target{target:g}"
+    learned = [f"reward=rm:{out / 'rm'}", f"kl_coef={coef:g}", f"target_kl={target:g}", f"output_dir={out / name}"]
+    runs.append(Run(name, [*rl, *learned], needs=["rm"]))
+    return runs
+
+
+def checkpoints(run_dir: Path) -> list:
+    found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+class Sweep:
+    def __init__(self, args):
+        self.args = args
+        self.out, self.results = Path(args.out), Path(args.results)
+        self.cache = self.results.parent / "reference-cache"  # shared by the seeds: the same reference
+        self.lock = threading.Lock()
+
+    def record_path(self, run: Run) -> Path:
+        return self.results / run.name / "run.json"
+
+    def done(self, run: Run) -> bool:
+        path = self.record_path(run)
+        return path.is_file() and json.loads(path.read_text()).get("done", False)
+
+    def call(self, run: Run, args: list, log: Path) -> tuple:
+        """`dpokit ARGS` in a single-threaded process, its output in `log` -> (shown command, seconds)."""
+        shown = "dpokit " + " ".join(shlex.quote(a) for a in args)
+        self.say(f"[{run.name}] {shown}")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        t0 = time.perf_counter()
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            cmd = [sys.executable, "-m", "dpokit.cli", *args]
+            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        seconds = round(time.perf_counter() - t0, 1)
+        if rc != 0:
+            raise RuntimeError(f"[{run.name}] exit code {rc} after {seconds:.0f} s: {shown} (log: {log})")
+        return shown, seconds
+
+    def say(self, text: str):
+        with self.lock:
+            print(text, flush=True)
+
+    def eval_args(self, model, output_file) -> list:
+        return [
+            "eval",
+            "--config",
+            str(CONFIGS / "eval.yaml"),
+            f"model={model}",
+            f"ref_model={self.args.model}",
+            f"reference_cache={self.cache}",
+            f"output_file={output_file}",
+        ] + (SMOKE["eval"] if self.args.smoke else [])
+
+    def execute(self, run: Run):
+        """Train (resuming), then evaluate every checkpoint not yet in results; record run.json."""
+        res = self.results / run.name
+        record = {"run": run.name, "seed": self.args.seed, "machine": platform.node(), "commands": [], "seconds": {}}
+        log = self.out / "logs" / f"{run.name}.log"
+        if not run.train:  # the reference against itself: its samples and rewards, cached for every eval
+            shown, s = self.call(run, self.eval_args(self.args.model, res / "eval.json"), log)
+            record["commands"].append(shown)
+            record["seconds"]["eval"] = s
+        else:
+            shown, s = self.call(run, run.train, log)
+            record["commands"].append(shown)
+            record["seconds"]["train"] = s
+            run_dir = self.out / run.name
+            found = checkpoints(run_dir) if run.evaluate else []
+            if run.evaluate and not found:
+                raise RuntimeError(f"[{run.name}] {run_dir}: no checkpoints to evaluate")
+            for ckpt in found:
+                target = res / ckpt.name
+                if (target / "eval.json").is_file():
+                    continue
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ckpt / "trainer_state.json", target / "trainer_state.json")
+                shown, s = self.call(run, self.eval_args(ckpt, target / "eval.json.tmp"), log)
+                os.replace(target / "eval.json.tmp", target / "eval.json")  # present only when complete
+                record["commands"].append(shown)
+                record["seconds"][f"eval {ckpt.name}"] = s
+            record["checkpoints"] = [c.name for c in found]
+        record["done"] = True
+        res.mkdir(parents=True, exist_ok=True)
+        self.record_path(run).write_text(json.dumps(record, indent=1) + "\n")
+        self.say(f"[{run.name}] done in {sum(record['seconds'].values()) / 60:.1f} min")
+
+    def run_all(self, runs: list) -> list:
+        """Every run not yet done, on `workers` workers, a run starting once the runs it needs are done;
+        the reference first (its samples feed every evaluation)."""
+        todo = [r for r in runs if not self.done(r)]
+        for r in runs:
+            if r not in todo:
+                self.say(f"[{r.name}] done before ({self.record_path(r)}); skipped")
+        failed = []
+        if todo and todo[0].name == "reference":
+            try:
+                self.execute(todo.pop(0))
+            except RuntimeError as e:
+                return [str(e)]
+        finished = {r.name for r in runs if self.done(r)}
+        with ThreadPoolExecutor(self.args.workers) as pool:
+            running = {}
+            while todo or running:
+                for r in list(todo):
+                    if len(running) < self.args.workers and all(n in finished for n in r.needs):
+                        todo.remove(r)
+                        running[pool.submit(self.execute, r)] = r
+                if not running:  # what is left waits on a run that failed
+                    failed += [f"[{r.name}] not run: needs {', '.join(r.needs)}" for r in todo]
+                    break
+                complete, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in complete:
+                    r = running.pop(fut)
+                    if fut.exception() is not None:
+                        failed.append(str(fut.exception()))
+                        self.say(f"[{r.name}] FAILED: {fut.exception()}")
+                    else:
+                        finished.add(r.name)
+        return failed
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="training seed of every run (evaluation keeps seed 0)")
+    p.add_argument("--model", default="default", help="pi_ref and every starting policy")
+    p.add_argument("--out", default="runs/sweep", help="checkpoints and logs (not committed)")
+    p.add_argument("--results", help="small results (default: examples/sentiment/results/seed<S>)")
+    p.add_argument("--workers", type=int, default=2, help="runs at once, each single-threaded")
+    p.add_argument("--only", action="append", default=[], help="run only these runs (names; repeatable)")
+    p.add_argument("--smoke", action="store_true", help="toy sizes, for testing the driver on a tiny model")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and what is done; run nothing")
+    args = p.parse_args(argv)
+    args.out = str(Path(args.out) / f"seed{args.seed}")
+    args.results = args.results or str(HERE / "results" / f"seed{args.seed}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sweep = Sweep(args)
+    runs = plan(args)
+    if args.only:
+        unknown = set(args.only) - {r.name for r in runs}
+        if unknown:
+            sys.exit(f"--only: no run named {', '.join(sorted(unknown))}; runs: {', '.join(r.name for r in runs)}")
+        runs = [r for r in runs if r.name in args.only or r.name == "reference"]
+    if args.dry_run:
+        for r in runs:
+            state = "done" if sweep.done(r) else "to do"
+            print(f"{r.name:<22} {state:<6} dpokit {' '.join(r.train) if r.train else '(eval of pi_ref)'}")
+        return
+    t0 = time.perf_counter()
+    failed = sweep.run_all(runs)
+    title = f"DPO vs RL on controlled sentiment (seed {args.seed})"
+    frontier = ["frontier", f"inputs={sweep.results}", "pattern=eval.json", f"output_dir={sweep.results / 'frontier'}"]
+    try:
+        sweep.call(Run("frontier", []), [*frontier, f"title={title}"], Path(args.out) / "logs" / "frontier.log")
+    except RuntimeError as e:
+        failed.append(str(e))
+    print(f"this invocation: {(time.perf_counter() - t0) / 60:.1f} min; results in {sweep.results}")
+    if failed:
+        sys.exit("failed:\n" + "\n".join(failed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""examples/sentiment/sweep.py, the issue-16 sweep driver: its plan and what it counts as done (fast), and
+end to end at --smoke sizes on a tiny model (slow: ten runs, ~6 min on two cores): every run trained,
+every checkpoint evaluated into the results directory with its command and wall time, the frontier
+with its verdict drawn from the results alone, and a second invocation that redoes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+DRIVER = str(ROOT / "examples" / "sentiment" / "sweep.py")
+RUNS = [
+    "reference",
+    "dpo-beta0.1",
+    "dpo-beta0.5",
+    "dpo-beta2",
+    "rloo-target1.3",
+    "rloo-target2.7",
+    "rloo-target4.4",
+    "ppo-target2.7",
+    "rm",
+    "rloo-rm-target2.7",
+]
+
+
+def driver(*args, timeout=60):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, DRIVER, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_sweep_plan_and_done_runs_are_skipped(tmp_path):
+    results = tmp_path / "results"
+    proc = driver("--dry-run", "--out", str(tmp_path / "out"), "--results", str(results))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == RUNS
+    assert all("to do" in line for line in lines)
+    plan = dict(zip(RUNS, lines))
+    assert "beta=2 " in plan["dpo-beta2"] and "configs/sweep/dpo.yaml" in plan["dpo-beta2"]
+    assert "kl_coef=0.05 target_kl=4.4" in plan["rloo-target4.4"]
+    assert "algorithm=ppo value_lr=1e-4 critic_warmup_steps=10" in plan["ppo-target2.7"]
+    assert f"reward=rm:{tmp_path / 'out' / 'seed0' / 'rm'}" in plan["rloo-rm-target2.7"]
+    (results / "dpo-beta2").mkdir(parents=True)
+    (results / "dpo-beta2" / "run.json").write_text(json.dumps({"done": True}))
+    proc = driver("--dry-run", "--out", str(tmp_path / "out"), "--results", str(results))
+    assert [line.split()[1] for line in proc.stdout.splitlines()] == [
+        "done" if r == "dpo-beta2" else "to" for r in RUNS
+    ]
+    bad = driver("--dry-run", "--only", "nope", "--results", str(results))
+    assert bad.returncode != 0 and "no run named nope" in bad.stderr
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_at_smoke_sizes(tiny_model_dir, tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    args = ["--smoke", "--model", str(tiny_model_dir), "--out", str(out), "--results", str(results)]
+    proc = driver(*args, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for run in RUNS:
+        record = json.loads((results / run / "run.json").read_text())
+        assert record["done"] and record["commands"] and all(s > 0 for s in record["seconds"].values())
+        if run not in ("reference", "rm"):
+            assert record["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
+            for c in record["checkpoints"]:
+                assert (results / run / c / "eval.json").is_file() and (
+                    results / run / c / "trainer_state.json"
+                ).is_file()
+    frontier = json.loads((results / "frontier" / "frontier.json").read_text())
+    methods = {p["method"] for p in frontier["points"]}
+    assert methods == {"dpo", "rloo", "ppo", "rloo-rm"}
+    assert len(frontier["points"]) == 16 and frontier["verdict"] and "best_of_n" in frontier
+    assert "| 0.5 | dpo |" in (results / "frontier" / "frontier.md").read_text()
+    again = driver(*args, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("skipped") == len(RUNS), again.stdout
