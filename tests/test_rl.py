@@ -190,3 +190,22 @@ def test_token_mean_aggregation_and_explained_variance_by_hand():
     r, e = [1.0, 2.0, 3.0, 10.0], [0.5, 0.5, -0.5, 1.0]
     var = lambda v: sum((a - sum(v) / len(v)) ** 2 for a in v) / len(v)
     assert explained_variance(values, returns, mask) == pytest.approx(1 - var(e) / var(r))
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("adam_beta2=1.0", "key 'adam_beta2': must be in [0, 1), got 1.0"),
+        ("adam_epsilon=0", "key 'adam_epsilon': must be positive"),
+        ("value_lr=-1", "keys 'value_lr' and 'critic_warmup_steps': must be non-negative"),
+        ("loss_aggregation=tokens", "key 'loss_aggregation': 'tokens' is not one of sequence_mean, token_mean"),
+    ],
+)
+def test_rl_optimizer_keys_refuse_bad_values_in_one_line(override, expected, tmp_path, capsys):
+    from conftest import one_error_line
+
+    from dpokit.cli import main
+
+    assert main(["rl", "dataset=x.jsonl", "reward=vader", f"output_dir={tmp_path / 'o'}", override]) == 2
+    one_error_line(capsys.readouterr().err, expected)
+    assert not (tmp_path / "o").exists()

@@ -524,8 +524,8 @@ def plot(points, references, out_png, title, reward_name, analysis=None):
     fig.text(
         0.01,
         0.01,
-        "thin lines: checkpoints of one run in step order, labelled at the last; bars: ±1 s.e.; thick "
-        "lines and bands: each method's isotonic frontier with its bootstrap interval",
+        "thin lines: one run's checkpoints, labelled at the last; bars: ±1 s.e.; thick lines and bands: "
+        "each method's frontier and its bootstrap interval",
         fontsize=7,
         color="gray",
     )
