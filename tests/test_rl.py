@@ -67,7 +67,7 @@ def train_rows(out):
 
 @pytest.mark.parametrize(
     "algorithm,extra",
-    [("rloo", {}), ("ppo", {"value_lr": 1e-2})],
+    [("rloo", {"adaptive_kl": True, "target_kl": 1.0}), ("ppo", {"value_lr": 1e-2})],
 )
 def test_rl_solves_a_toy_reward_from_fresh_rollouts(algorithm, extra, toy, tmp_path):
     """Every step samples new responses (ppo_epochs 1): the reward goes from the reference's ~0.3 to ~1
@@ -103,6 +103,12 @@ def test_rl_solves_a_toy_reward_from_fresh_rollouts(algorithm, extra, toy, tmp_p
         assert key in rows[0]
     if algorithm == "ppo":
         assert "value_explained_variance" in rows[0]
+    if extra.get("adaptive_kl"):  # the controller followed each step's rollout KL (16 samples, horizon 1000)
+        beta = 0.01
+        for row in rows:
+            assert row["kl_coef"] == pytest.approx(beta, rel=1e-6)
+            beta *= 1 + min(max(row["kl"] / 1.0 - 1, -0.2), 0.2) * 16 / 1000
+        assert rows[-1]["kl_coef"] != 0.01
 
 
 def test_critic_warmup_leaves_the_policy_unchanged(toy, tmp_path):
