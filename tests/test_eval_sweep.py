@@ -95,6 +95,25 @@ def test_eval_on_prompts_with_the_kl_of_its_own_samples_and_a_cached_reference(
     assert json.loads((tmp_path / "b.json").read_text())["reference_fingerprint"] == first["reference_fingerprint"]
 
 
+def test_eval_with_pairs_keeps_their_metrics_beside_the_sampled_ones(tiny_model_dir, pref_dir, tmp_path):
+    """Pairs and prompts together: each side has its implicit-reward metrics and its sampled ones."""
+    results = ev.evaluate(
+        dict(
+            model=str(tiny_model_dir),
+            ref_model=str(tiny_model_dir),
+            dataset=str(pref_dir),
+            reward="test_eval_sweep:counting_reward",
+            num_samples=3,
+            max_new_tokens=3,
+            output_file=str(tmp_path / "e.json"),
+        )
+    )
+    assert results["pairs"] == 8 and results["num_samples"] == 3
+    for side in ("reference", "policy"):
+        assert {"implicit_reward_accuracy", "reward", "reward_se", "finished", "kl"} <= set(results[side])
+    assert results["policy"]["implicit_reward_accuracy"] == 0.5  # the reference itself: every margin a tie
+
+
 def test_eval_needs_prompts_or_pairs(capsys):
     from dpokit.cli import main
 

@@ -210,7 +210,10 @@ def evaluate(config=None, *, model=None, ref_model=None, tokenizer=None, dataset
         results["reference"].update(implicit_reward_metrics(cfg.beta, ref_logps, ref_logps))
         results["policy"].update(implicit_reward_metrics(cfg.beta, pol_logps, ref_logps))
     if cfg.reward:
-        results.update(sampled_metrics(cfg, policy, reference, tokenizer, source, device))
+        sampled = sampled_metrics(cfg, policy, reference, tokenizer, source, device)
+        for side in ("reference", "policy"):  # beside the pair metrics of each side
+            results[side].update(sampled.pop(side))
+        results.update(sampled)
     out = Path(cfg.output_file) if cfg.output_file else Path(cfg.model) / "eval.json"
     if out.parent.is_dir():
         atomic_write_text(out, json.dumps(results, indent=2))
