@@ -221,7 +221,8 @@ TABLE = {
 # TRL keys that are dpokit keys of the same name and meaning: they pass through untouched
 SHARED = (
     "trust_remote_code lora_r lora_alpha lora_dropout lora_target_modules dataset_train_split dataset_test_split "
-    "output_dir seed learning_rate weight_decay warmup_steps max_grad_norm num_train_epochs max_steps "
+    "output_dir seed learning_rate weight_decay adam_beta1 adam_beta2 adam_epsilon warmup_steps max_grad_norm "
+    "num_train_epochs max_steps "
     "per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps gradient_checkpointing "
     "logging_steps save_steps save_total_limit eval_steps max_length max_prompt_length truncation_mode "
     "padding_free precompute_ref_log_probs disable_dropout loss_type loss_weights beta label_smoothing "
