@@ -11,7 +11,8 @@ Runs (seed S, default 0), each trained, then every checkpoint evaluated on the s
 Small results are written under --results (default examples/sentiment/results/seed<S>/, committed):
 per run `run.json` (the exact commands, wall times, machine), per checkpoint `eval.json` and the
 checkpoint's `trainer_state.json` (what `dpokit frontier` reads to tell method, setting and step).
-Checkpoints go under --out (not committed). A run whose run.json says done is skipped; a run
+Checkpoints go under --out (not committed; once a run's evaluations are written only its newest
+checkpoint stays, unless --keep-checkpoints). A run whose run.json says done is skipped; a run
 interrupted mid-way resumes from its newest checkpoint (resume=auto) if --out still holds it, and
 evaluations already in --results are not redone. Then `dpokit frontier` redraws the picture and the
 verdict from --results.
@@ -106,6 +107,14 @@ def checkpoints(run_dir: Path) -> list:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def prune(run_dir: Path):
+    """Drop the optimizer state (and rollouts) of every checkpoint but the newest: evaluation needs only the
+    weights, and at twice their size 40 optimizer states of the 135M model would fill the disk."""
+    for ckpt in checkpoints(run_dir)[:-1]:
+        for name in ("optimizer.pt", "rollouts.pt"):
+            (ckpt / name).unlink(missing_ok=True)
+
+
 class Sweep:
     def __init__(self, args):
         self.args = args
@@ -164,6 +173,7 @@ class Sweep:
             record["commands"].append(shown)
             record["seconds"]["train"] = s
             run_dir = self.out / run.name
+            prune(run_dir)
             found = checkpoints(run_dir) if run.evaluate else []
             if run.evaluate and not found:
                 raise RuntimeError(f"[{run.name}] {run_dir}: no checkpoints to evaluate")
@@ -178,6 +188,9 @@ class Sweep:
                 record["commands"].append(shown)
                 record["seconds"][f"eval {ckpt.name}"] = s
             record["checkpoints"] = [c.name for c in found]
+            if not self.args.keep_checkpoints:  # evaluated: the results hold what the frontier needs
+                for ckpt in found[:-1]:  # (the newest stays: the run can still be resumed or extended)
+                    shutil.rmtree(ckpt)
         record["done"] = True
         res.mkdir(parents=True, exist_ok=True)
         self.record_path(run).write_text(json.dumps(record, indent=1) + "\n")
@@ -226,6 +239,11 @@ def parse_args(argv=None):
     p.add_argument("--results", help="small results (default: examples/sentiment/results/seed<S>)")
     p.add_argument("--workers", type=int, default=2, help="runs at once, each single-threaded")
     p.add_argument("--only", action="append", default=[], help="run only these runs (names; repeatable)")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every evaluated checkpoint (default: a run keeps only its newest once its evals are written)",
+    )
     p.add_argument("--smoke", action="store_true", help="toy sizes, for testing the driver on a tiny model")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what is done; run nothing")
     args = p.parse_args(argv)
