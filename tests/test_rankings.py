@@ -296,3 +296,30 @@ def test_cli_trains_on_ranked_lists(tiny_model_dir, tmp_path, keys):
     assert len(train) == 2 and all(r["loss"] > 0 for r in train)
     assert any("eval/rewards/accuracies" in r for r in rows)
     assert (out / "model.safetensors").exists()
+
+
+def word_count_reward(prompts, responses):
+    """A deterministic reward for the test (`test_rankings:word_count_reward`)."""
+    return [float(len(r.split())) for r in responses]
+
+
+def test_pairs_writes_rankings_that_dpo_reads(tmp_path, capsys):
+    samples = write_jsonl(
+        tmp_path / "samples.jsonl",
+        [
+            {"prompt": [{"role": "user", "content": "Say hi"}], "responses": ["hi", "hi there", "hello to you", "yo"]},
+            {"prompt": [{"role": "user", "content": "Tie"}], "responses": ["one", "two"]},  # all tie: dropped
+            {"prompt": [{"role": "user", "content": "Two"}], "responses": ["a b", "c", "a b"]},  # a duplicate
+        ],
+    )
+    out = tmp_path / "ranked.jsonl"
+    args = ["pairs", f"samples={samples}", "reward=test_rankings:word_count_reward", f"output={out}"]
+    assert main([*args, "pairing=ranking"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [len(r["completions"]) for r in rows] == [4, 2]
+    assert rows[0]["scores"] == [1.0, 2.0, 3.0, 1.0]  # the tie (hi, yo) kept as a tie
+    assert rows[0]["completions"][1] == [{"role": "assistant", "content": "hi there"}]
+    loaded, _, fmt = load_rankings(str(out))
+    assert fmt == "conversational" and loaded[0][1]["ranks"] == [2, 1, 0, 2]
+    assert main([*args, "pairing=ranking", "min_margin=0.5"]) == 2
+    one_error_line(capsys.readouterr().err, "min_margin")

@@ -52,3 +52,27 @@ def test_cli(capsys):
 def test_cli_bad_setup_is_a_user_error(capsys):
     assert main(["verify", "vocab_size=1"]) == 2
     assert "vocab_size" in capsys.readouterr().err
+
+
+# --- ranking mode: Plackett-Luce DPO on K-way rankings ------------------------------------------------------
+
+
+def test_plackett_luce_recovers_the_closed_form_optimum():
+    """On the population of ranked lists (every ordered 3-tuple, exact weights) Plackett-Luce DPO lands on
+    pi* = pi_ref exp(r/beta)/Z; on 1,500 sampled lists near it (TV 0.019-0.021 over seeds 0-2; the defaults,
+    5,000 lists of 4: TV 0.007-0.011 over seeds 0-5)."""
+    cfg = VerifyConfig(loss_type="plackett_luce", ranking_size=3, num_rankings=1500, steps=600, tv_bound=0.04)
+    results = run(cfg)
+    assert results["passed"]
+    assert results["population"]["tv"] < 1e-6 and results["population"]["implicit_reward_spread"] < 1e-6
+    assert results["sampled"]["tv"] < 0.04
+    assert results["population"]["reward"] == pytest.approx(results["pi_star_reward"], abs=1e-6)
+
+
+def test_ranking_cli(capsys):
+    args = ["verify", "loss_type=plackett_luce", "ranking_size=2", "num_rankings=1000", "steps=300"]
+    assert main([*args, "tv_bound=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "lists of K = 2" in out and out.strip().splitlines()[-1].startswith("PASS: TV(pi_PL, pi*) = ")
+    assert main(["verify", "loss_type=plackett_luce", "ranking_size=9"]) == 2
+    assert "ranking_size" in capsys.readouterr().err
