@@ -323,3 +323,18 @@ def test_pairs_writes_rankings_that_dpo_reads(tmp_path, capsys):
     assert fmt == "conversational" and loaded[0][1]["ranks"] == [2, 1, 0, 2]
     assert main([*args, "pairing=ranking", "min_margin=0.5"]) == 2
     one_error_line(capsys.readouterr().err, "min_margin")
+
+
+def test_ranked_rows_read_as_pairs_say_what_to_do(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "r.jsonl", ranked_rows(2))
+    assert main(["dpo", f"dataset={path}", f"output_dir={tmp_path / 'out'}"]) == 2
+    one_error_line(capsys.readouterr().err, str(path), "row 1", "field 'chosen'", "loss_type=plackett_luce")
+
+
+def test_too_many_completions(tmp_path):
+    from dpokit.data.rankings import MAX_COMPLETIONS
+
+    k = MAX_COMPLETIONS + 1
+    path = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "completions": ["a"] * k, "ranks": list(range(k))}])
+    with pytest.raises(UserError, match="row 1: field 'completions'.*MAX_COMPLETIONS"):
+        load_rankings(str(path))

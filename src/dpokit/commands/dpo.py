@@ -170,7 +170,15 @@ def load_split(cfg, tokenizer, source, split) -> list:
         )
         log.info("%s (%s, ranked): %s", label, fmt, stats.summary())
         return examples
-    return prep.load_pair_split(cfg, tokenizer, source, split)
+    try:
+        return prep.load_pair_split(cfg, tokenizer, source, split)
+    except UserError as e:
+        if "field 'chosen': missing" in str(e) and "'completions'" in str(e):  # ranked rows read as pairs
+            raise UserError(
+                f"{e}; rows of prompt, completions and ranks/scores are ranked lists: train them with "
+                f"loss_type=plackett_luce or pairs_from_ranking=all_pairs|best_vs_rest|best_vs_worst"
+            ) from None
+        raise
 
 
 def dpo(

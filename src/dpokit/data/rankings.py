@@ -39,6 +39,9 @@ from dpokit.errors import UserError, where
 
 RANKING_FIELDS = ("prompt", "completions")
 RANKING_SOURCES = ("ranks", "scores")
+# The most responses in one list: the losses build (K, K) choice sets per list and the layouts put a list's
+# K responses in one row (prefix sharing), so K is bounded like a field's length is (load.MAX_FIELD_CHARS).
+MAX_COMPLETIONS = 256
 
 
 @dataclass
@@ -114,6 +117,11 @@ def check_ranking_row(label, row, obj, kind) -> dict:
     if not isinstance(completions, list) or len(completions) < 2:
         got = f"{len(completions)}" if isinstance(completions, list) else f"a {type(completions).__name__}"
         raise UserError(f"{where(label, row, 'completions')}: expected a list of at least 2 responses, got {got}")
+    if len(completions) > MAX_COMPLETIONS:
+        raise UserError(
+            f"{where(label, row, 'completions')}: {len(completions)} responses, over the limit of {MAX_COMPLETIONS} "
+            f"(dpokit.data.rankings.MAX_COMPLETIONS)"
+        )
     for k, completion in enumerate(completions):
         check_field(label, row, f"completions[{k}]", completion, kind)
     key = sources[0]
