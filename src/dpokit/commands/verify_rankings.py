@@ -162,7 +162,7 @@ def data_efficiency_curve(ref_logps, rewards, opt_logp, cfg) -> list:
     for n in CURVE_SIZES:
         tvs = {name: 0.0 for name in methods}
         for seed in range(CURVE_SEEDS):
-            g = torch.Generator().manual_seed(10_000 + 7919 * seed + n)
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 10_000 + 7919 * seed + n)
             data = sampled_rankings(ref_logps, rewards, n, K, g)
             for name, train in methods.items():
                 tvs[name] += tv(train(data), opt_logp).mean().item() / CURVE_SEEDS

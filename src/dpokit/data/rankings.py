@@ -36,6 +36,7 @@ from dpokit.data.layouts import LAYOUTS, PROMPT, Block, assemble
 from dpokit.data.load import check_field, read_rows
 from dpokit.data.tokenize import TokenizedPair, tokenize_pair, truncate
 from dpokit.errors import UserError, where
+from dpokit.ranking_losses import pairs_from_ranking
 
 RANKING_FIELDS = ("prompt", "completions")
 RANKING_SOURCES = ("ranks", "scores")
@@ -191,8 +192,6 @@ def tokenize_rankings(tok, rows, label, max_length=None, max_prompt_length=None,
 def split_into_pairs(rankings: list, mode: str) -> list:
     """TokenizedRankings -> the TokenizedPairs `mode` keeps (ranking_losses.pairs_from_ranking's modes), for
     code that reads pairs (e.g. a comparison with DPO on the same data)."""
-    from dpokit.ranking_losses import pairs_from_ranking
-
     pairs = []
     for r in rankings:
         lists, winners, losers = pairs_from_ranking(torch.tensor([r.ranks]), mode)

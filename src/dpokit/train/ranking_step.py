@@ -7,7 +7,6 @@ import copy
 import torch
 
 from dpokit.logprobs import response_logps
-from dpokit.losses import preference_accuracy
 from dpokit.ranking_losses import plackett_luce_loss, ranked_pair_losses, ranking_accuracy
 from dpokit.train.dpo_step import DPOStep
 from dpokit.train.runtime import all_reduce_sum
@@ -69,12 +68,11 @@ class RankingStep(DPOStep):
         chosen = (rewards * best).sum(-1) / best.sum(-1)
         rejected = (rewards * worst).sum(-1) / worst.sum(-1)
         margins = chosen - rejected
-        accuracies = ranking_accuracy(rewards, ranks) if ranks.shape[1] > 2 else preference_accuracy(margins)
         metrics = {
             "rewards/chosen": chosen,
             "rewards/rejected": rejected,
             "rewards/margins": margins,
-            "rewards/accuracies": accuracies,
+            "rewards/accuracies": ranking_accuracy(rewards, ranks),  # K = 2: preference_accuracy
             "logps/chosen": (lists(logps.detach()) * best).sum(-1) / best.sum(-1),
             "logps/rejected": (lists(logps.detach()) * worst).sum(-1) / worst.sum(-1),
         }
