@@ -26,7 +26,7 @@ from dpokit.ranking_losses import plackett_luce_loss, ranked_pair_losses
 
 POPULATION_LIMIT = 50_000  # ordered K-tuples per prompt, beyond which the population check is skipped
 CURVE_SIZES = (250, 500, 1000, 2000, 4000, 8000)
-CURVE_SEEDS = 3
+CURVE_SEEDS = 5
 
 
 def sampled_rankings(ref_logps, rewards, num_rankings: int, K: int, generator):
@@ -79,7 +79,8 @@ def train_split_pairs(ref_logps, data, cfg, mode: str):
 
     x, lists, weight = data
     ranks = torch.arange(lists.shape[1]).expand(lists.shape)
-    pairs_per_list = {"all_pairs": lists.shape[1] * (lists.shape[1] - 1) / 2, "best_vs_worst": 1}[mode]
+    K = lists.shape[1]
+    pairs_per_list = {"all_pairs": K * (K - 1) / 2, "best_vs_rest": K - 1, "best_vs_worst": 1}[mode]
     weight = weight / (weight.sum() * pairs_per_list)
 
     def objective(logps):
@@ -151,23 +152,30 @@ def data_efficiency_curve(ref_logps, rewards, opt_logp, cfg) -> list:
     methods = {
         "plackett_luce": lambda data: train_plackett_luce(ref_logps, data, cfg),
         "all_pairs": lambda data: train_split_pairs(ref_logps, data, cfg, "all_pairs"),
+        "best_vs_rest": lambda data: train_split_pairs(ref_logps, data, cfg, "best_vs_rest"),
         "best_vs_worst": lambda data: train_split_pairs(ref_logps, data, cfg, "best_vs_worst"),
     }
     print(
         f"\ndata efficiency: mean TV(pi, pi*) over {CURVE_SEEDS} seeds; DPO (sigmoid) on the pairs split from the "
-        f"same lists ({K * (K - 1) // 2} per list for all_pairs, 1 for best_vs_worst)"
+        f"same lists ({K * (K - 1) // 2} per list for all_pairs, {K - 1} for best_vs_rest, 1 for best_vs_worst); "
+        f"ratio: mean over seeds of TV(all_pairs) / TV(plackett_luce) on the same lists"
     )
-    print(f"{'lists':>7}{'plackett_luce':>15}{'all_pairs':>11}{'best_vs_worst':>15}")
+    print(f"{'lists':>7}{'plackett_luce':>15}{'all_pairs':>11}{'best_vs_rest':>14}{'best_vs_worst':>15}{'ratio':>8}")
     curve = []
     for n in CURVE_SIZES:
-        tvs = {name: 0.0 for name in methods}
+        tvs, ratio = {name: 0.0 for name in methods}, 0.0
         for seed in range(CURVE_SEEDS):
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 10_000 + 7919 * seed + n)
             data = sampled_rankings(ref_logps, rewards, n, K, g)
-            for name, train in methods.items():
-                tvs[name] += tv(train(data), opt_logp).mean().item() / CURVE_SEEDS
-        curve.append({"lists": n, **tvs})
-        print(f"{n:>7}{tvs['plackett_luce']:>15.4f}{tvs['all_pairs']:>11.4f}{tvs['best_vs_worst']:>15.4f}")
+            this = {name: tv(train(data), opt_logp).mean().item() for name, train in methods.items()}
+            for name in methods:
+                tvs[name] += this[name] / CURVE_SEEDS
+            ratio += this["all_pairs"] / this["plackett_luce"] / CURVE_SEEDS  # paired: the same lists
+        curve.append({"lists": n, **tvs, "ratio": ratio})
+        print(
+            f"{n:>7}{tvs['plackett_luce']:>15.4f}{tvs['all_pairs']:>11.4f}{tvs['best_vs_rest']:>14.4f}"
+            f"{tvs['best_vs_worst']:>15.4f}{ratio:>8.3f}"
+        )
     for target in (0.04, 0.02):
         needed = {name: lists_to_reach(curve, name, target) for name in methods}
         shown = ", ".join(
