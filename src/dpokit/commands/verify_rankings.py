@@ -178,18 +178,18 @@ def data_efficiency_curve(ref_logps, rewards, opt_logp, cfg) -> list:
         )
     for target in (0.04, 0.02):
         needed = {name: lists_to_reach(curve, name, target) for name in methods}
-        shown = ", ".join(
-            f"{name} {'>' + str(CURVE_SIZES[-1]) if v is None else round(v)}" for name, v in needed.items()
-        )
+        shown = ", ".join(f"{k} {v}" for k, v in needed.items())
         print(f"lists to reach TV {target}: {shown}")
     return curve
 
 
-def lists_to_reach(curve, name, target):
-    """The number of lists at which the curve crosses `target`, interpolated in log-log; None if it never
-    does within the curve."""
+def lists_to_reach(curve, name, target) -> str:
+    """The number of lists at which the curve first crosses `target`, interpolated in log-log, as text
+    ("<=250" or ">8000" when it is below from the start or never gets there)."""
+    if curve[0][name] <= target:
+        return f"<={curve[0]['lists']}"
     for a, b in zip(curve, curve[1:]):
         if a[name] > target >= b[name]:
             t = (math.log(a[name]) - math.log(target)) / (math.log(a[name]) - math.log(b[name]))
-            return math.exp(math.log(a["lists"]) + t * (math.log(b["lists"]) - math.log(a["lists"])))
-    return curve[0]["lists"] if curve[0][name] <= target else None
+            return str(round(math.exp(math.log(a["lists"]) + t * (math.log(b["lists"]) - math.log(a["lists"])))))
+    return f">{curve[-1]['lists']}"
