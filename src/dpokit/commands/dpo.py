@@ -208,9 +208,8 @@ def dpo(
         # before any adapter exists, the policy itself is pi_ref unless another model is named
         reference = prep.reference_model(cfg, policy, ref_model).to(ranks.device)
         with prep.base_model(reference):  # a peft model the caller gave: pi_ref is its base, adapters off
-            if (
-                not cfg.ref_sync_steps and not unpaired and not cfg.ranked
-            ):  # held-out reference log-probs once, not at every eval
+            # held-out reference log-probs once, not at every eval (pairs only: refcache batches pairs)
+            if not cfg.ref_sync_steps and not unpaired and not cfg.ranked:
                 refcache.attach_reference_logps(
                     reference, run.eval_examples, cfg, pad_id, ranks.device, use_disk_cache=False
                 )

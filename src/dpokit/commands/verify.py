@@ -31,6 +31,9 @@ gradient of E[(h - 1/(2 tau))^2] to zero, tau = beta, a tabular policy):
 
 (the paper's Eq. 8 with Psi = identity); conservative DPO (label smoothing eps) has a finite optimum too.
 This part trains on the population of pairs, so there is no sampling noise in the comparison.
+
+`loss_type=plackett_luce` checks Plackett-Luce DPO on K-way rankings of the same toy instead
+(commands/verify_rankings.py), ending with the same PASS / FAIL line.
 """
 
 import math
