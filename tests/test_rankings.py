@@ -278,24 +278,42 @@ def test_config_refusals():
 # --- end to end ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "keys",
-    [["loss_type=plackett_luce", "prefix_sharing=true"], ["pairs_from_ranking=best_vs_rest", "padding_free=true"]],
-)  # noqa: E501
-def test_cli_trains_on_ranked_lists(tiny_model_dir, tmp_path, keys):
+def test_cli_trains_on_ranked_lists(tiny_model_dir, tmp_path):
     data = tmp_path / "ranked"
     data.mkdir()
     write_jsonl(data / "train.jsonl", ranked_rows(8, conversational=True, scores=True))
     write_jsonl(data / "test.jsonl", ranked_rows(4, conversational=True))
     out = tmp_path / "out"
     args = [f"model={tiny_model_dir}", f"dataset={data}", f"output_dir={out}", "per_device_train_batch_size=4"]
-    code = main(["dpo", *args, "max_steps=2", "learning_rate=1e-3", "logging_steps=1", "progress_bar=false", *keys])
-    assert code == 0
+    keys = ["max_steps=2", "learning_rate=1e-3", "logging_steps=1", "progress_bar=false"]
+    assert main(["dpo", *args, *keys, "loss_type=plackett_luce", "prefix_sharing=true"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     assert len(train) == 2 and all(r["loss"] > 0 for r in train)
     assert any("eval/rewards/accuracies" in r for r in rows)
     assert (out / "model.safetensors").exists()
+
+
+def test_api_trains_on_in_memory_rankings(tiny_model_dir, tmp_path):
+    """dpokit.dpo with rows in memory and a pairwise loss on their pairs (best_vs_rest, packed)."""
+    import dpokit
+
+    config = dict(
+        model=str(tiny_model_dir),
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        progress_bar=False,
+        loss_type=["ipo"],
+        pairs_from_ranking="best_vs_rest",
+        padding_free=True,
+    )
+    result = dpokit.dpo(config, train_dataset=ranked_rows(8), eval_dataset=ranked_rows(3, scores=True))
+    train = [r for r in result.metrics if "loss" in r]
+    assert len(train) == 2 and all(r["loss"] > 0 for r in train)
+    assert any("eval/rewards/margins" in r for r in result.metrics)
 
 
 def word_count_reward(prompts, responses):
