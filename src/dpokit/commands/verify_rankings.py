@@ -30,14 +30,17 @@ CURVE_SEEDS = 5
 
 
 def sampled_rankings(ref_logps, rewards, num_rankings: int, K: int, generator):
-    """(x (n,), lists (n, K)): lists of K distinct responses best first, ranked by Plackett-Luce on r."""
+    """num_rankings lists of K distinct responses, best first, ranked by Plackett-Luce on r, as distinct
+    (x (m,), list (m, K)) rows with their counts (m,)."""
     X, N = ref_logps.shape
     x = torch.randint(X, (num_rankings,), generator=generator)
     drawn = torch.multinomial(ref_logps[x].exp(), K, replacement=False, generator=generator)  # (n, K)
     u = torch.rand(num_rankings, K, generator=generator, dtype=torch.float64).clamp_min(1e-300)
     gumbel = -torch.log(-torch.log(u))
     order = torch.argsort(rewards[x[:, None], drawn] + gumbel, dim=-1, descending=True)  # best first
-    return x, drawn.gather(1, order), torch.ones(num_rankings, dtype=torch.float64)
+    # distinct (x, ranked list) rows with their counts: the full-batch loss is the count-weighted one
+    rows, counts = torch.unique(torch.cat([x[:, None], drawn.gather(1, order)], 1), dim=0, return_counts=True)
+    return rows[:, 0], rows[:, 1:], counts.double()
 
 
 def population_rankings(ref_logps, rewards, K: int):
