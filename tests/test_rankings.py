@@ -120,7 +120,8 @@ def test_duplicates_merge_and_all_tied_lists_drop(smol_tokenizer):
     ]
     got, stats = tokenize_rankings(smol_tokenizer, rows, "rows")
     assert len(got) == 1 and len(got[0].responses) == 2 and got[0].ranks == [0, 1]
-    assert stats.merged == 2 and stats.dropped == {"whose responses all tie": 2}
+    assert stats.merged == 2
+    assert stats.dropped == {"whose responses all tie": 1, "with fewer than 2 distinct responses": 1}
 
 
 # --- layouts ---------------------------------------------------------------------------------------------

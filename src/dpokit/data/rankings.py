@@ -179,7 +179,7 @@ def tokenize_rankings(tok, rows, label, max_length=None, max_prompt_length=None,
         kept = sorted(best.items(), key=lambda item: item[1][0])  # in the row's order
         ranks = [rank for _, (_, rank) in kept]
         if len(kept) < 2 or len(set(ranks)) < 2:
-            stats.drop("whose responses all tie")
+            stats.drop("with fewer than 2 distinct responses" if len(kept) < 2 else "whose responses all tie")
             continue
         out.append(TokenizedRanking(prompt_ids, [list(ids) for ids, _ in kept], dense_ranks(ranks, False), row))
         stats.responses += len(kept)
