@@ -16,7 +16,7 @@ from dpokit.train import dpo_step
 
 
 def test_config_knows_every_loss():
-    assert set(LOSS_TYPES) == set(LOSSES) | {"kto"}
+    assert set(LOSS_TYPES) == set(LOSSES) | {"kto", "plackett_luce"}
 
 
 def test_docs_losses_table_is_the_registry():

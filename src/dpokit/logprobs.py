@@ -99,7 +99,9 @@ def response_logps(
         )
     else:
         token_lp = chunked_token_logps(model, inputs, positions, targets, chunk_size, fp32_head)
-    n = batch["input_ids"].shape[0] if batch.get("layout", "padded") == "padded" else 2 * batch["num_examples"]
+    n = batch.get("num_sequences")  # ranked lists (data/rankings.py): K responses per list
+    if n is None:
+        n = batch["input_ids"].shape[0] if batch.get("layout", "padded") == "padded" else 2 * batch["num_examples"]
     return ResponseLogps(token_lp, sequences, token_steps(positions, sequences, n), n, wpo_terms)
 
 

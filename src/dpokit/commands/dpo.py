@@ -1,5 +1,6 @@
 """`dpokit dpo` / `dpokit.dpo()`: Direct Preference Optimization (Rafailov et al., 2023), or any loss of
-losses.py, on preference pairs (`kto` on unpaired rows), on the shared loop."""
+losses.py, on preference pairs (`kto` on unpaired rows; `plackett_luce`, or any pairwise loss with
+`pairs_from_ranking`, on ranked lists), on the shared loop."""
 
 import typing
 from dataclasses import dataclass
@@ -9,13 +10,17 @@ from dpokit import models
 from dpokit.commands import prepare as prep
 from dpokit.config import TrainConfig, opt
 from dpokit.data.layouts import collate_for, layout_name
+from dpokit.data.rankings import collate_rankings, load_rankings, tokenize_rankings
 from dpokit.errors import UserError
 from dpokit.losses import LOSSES, requirements
+from dpokit.ranking_losses import PAIRS_FROM_RANKING
+from dpokit.report import log
 from dpokit.train import kto, refcache
 from dpokit.train.dpo_step import DPOStep, collate_with_reference
+from dpokit.train.ranking_step import RankingStep
 
 # the registry of losses.py is the one list of losses: choices, help and docs/losses.md (a test) read it
-LOSS_TYPES = [*LOSSES, "kto"]
+LOSS_TYPES = [*LOSSES, "kto", "plackett_luce"]
 LOSS_PAPERS = "; ".join(f"{name}: {spec.formula} ({spec.paper})" for name, spec in LOSSES.items())
 
 
@@ -32,7 +37,9 @@ class DPOConfig(TrainConfig):
         ["sigmoid"],
         "preference loss, or several to add up (e.g. sigmoid,sft = "
         "RPO); see docs/losses.md. `kto` takes unpaired data (prompt, "
-        f"completion, label; KTO, arXiv 2402.01306). {LOSS_PAPERS}",
+        f"completion, label; KTO, arXiv 2402.01306); `plackett_luce` takes ranked lists (prompt, "
+        "completions, ranks or scores; the DPO paper's appendix A.3). "
+        f"{LOSS_PAPERS}",
         LOSS_TYPES,
     )
     loss_weights: typing.Optional[typing.List[float]] = opt(None, "weight of each loss in loss_type (default: all 1)")
@@ -57,6 +64,13 @@ class DPOConfig(TrainConfig):
     rpo_alpha: typing.Optional[float] = opt(
         None, "RPO (arXiv 2404.19733): add alpha * per-token NLL of the chosen response (= loss_type ...,sft)"
     )
+    pairs_from_ranking: typing.Optional[str] = opt(
+        None,
+        "train a pairwise loss on ranked lists (prompt, completions, ranks or scores): the pairs each list "
+        "gives, all_pairs (every two of different rank), best_vs_rest or best_vs_worst; a list's loss is the "
+        "sum over its pairs, its prompt computed once (see docs/losses.md); null: the data are pairs",
+        list(PAIRS_FROM_RANKING),
+    )
     desirable_weight: float = opt(1.0, "KTO weight lambda_D of desirable examples")
     undesirable_weight: float = opt(1.0, "KTO weight lambda_U of undesirable examples")
     ref_sync_steps: int = opt(0, "TR-DPO: every this many steps pi_ref <- alpha pi + (1 - alpha) pi_ref (0: off)")
@@ -73,7 +87,31 @@ class DPOConfig(TrainConfig):
         "reused by later runs; no reference model in memory while training",
     )
 
+    @property
+    def ranked(self) -> bool:
+        """Whether the data are ranked lists (data/rankings.py) rather than pairs."""
+        return self.loss_type == ["plackett_luce"] or self.pairs_from_ranking is not None
+
     def check(self):
+        if "plackett_luce" in self.loss_type and len(self.loss_type) > 1:
+            raise UserError(
+                "key 'loss_type': plackett_luce is a loss on whole rankings and cannot be combined with other "
+                "losses (to add pairwise ones, train them with pairs_from_ranking)"
+            )
+        if self.loss_type == ["plackett_luce"] and self.pairs_from_ranking is not None:
+            raise UserError("key 'pairs_from_ranking': plackett_luce trains on the whole ranking, not on pairs")
+        if self.ranked:
+            what = "plackett_luce" if self.loss_type == ["plackett_luce"] else "pairs_from_ranking"
+            for key, on in (
+                ("use_weighting", self.use_weighting),
+                ("ld_alpha", self.ld_alpha is not None),
+                ("precompute_ref_log_probs", self.precompute_ref_log_probs),
+                ("label_smoothing", self.label_smoothing and self.loss_type == ["plackett_luce"]),
+                ("rpo_alpha", self.rpo_alpha is not None and self.loss_type == ["plackett_luce"]),
+                ("loss_type", self.loss_type == ["kto"]),
+            ):
+                if on:
+                    raise UserError(f"key '{key}': not supported on ranked lists ({what})")
         if not self.f_alpha_divergence_coef > 0:
             raise UserError(f"key 'f_alpha_divergence_coef': must be > 0, got {self.f_alpha_divergence_coef}")
         if self.f_divergence_type != "reverse_kl" and "sigmoid" not in self.loss_type:
@@ -125,7 +163,22 @@ def load_split(cfg, tokenizer, source, split) -> list:
     """Tokenized pairs (or, for kto, unpaired examples) of one split of a source."""
     if cfg.loss_type == ["kto"]:
         return kto.load_kto_split(cfg, tokenizer, source, split)
-    return prep.load_pair_split(cfg, tokenizer, source, split)
+    if cfg.ranked:
+        rows, label, fmt = load_rankings(source, split)
+        examples, stats = tokenize_rankings(
+            tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode
+        )
+        log.info("%s (%s, ranked): %s", label, fmt, stats.summary())
+        return examples
+    try:
+        return prep.load_pair_split(cfg, tokenizer, source, split)
+    except UserError as e:
+        if "field 'chosen': missing" in str(e) and "'completions'" in str(e):  # ranked rows read as pairs
+            raise UserError(
+                f"{e}; rows of prompt, completions and ranks/scores are ranked lists: train them with "
+                f"loss_type=plackett_luce or pairs_from_ranking=all_pairs|best_vs_rest|best_vs_worst"
+            ) from None
+        raise
 
 
 def dpo(
@@ -148,13 +201,15 @@ def dpo(
     )
     policy, ranks, pad_id = run.model, run.ranks, run.tokenizer.pad_token_id
     unpaired = cfg.loss_type == ["kto"]
-    needs_reference = unpaired or requirements(cfg.loss_type, cfg.reference_free, cfg.ipo_length_normalize)[0]
+    losses = ["sigmoid"] if cfg.loss_type == ["plackett_luce"] else cfg.loss_type  # (what plackett_luce needs)
+    needs_reference = unpaired or requirements(losses, cfg.reference_free, cfg.ipo_length_normalize)[0]
     reference, lora_reference = None, False
     if needs_reference:  # reference-free losses (simpo, orpo, sft, reference_free) load no reference at all
         # before any adapter exists, the policy itself is pi_ref unless another model is named
         reference = prep.reference_model(cfg, policy, ref_model).to(ranks.device)
         with prep.base_model(reference):  # a peft model the caller gave: pi_ref is its base, adapters off
-            if not cfg.ref_sync_steps and not unpaired:  # held-out reference log-probs once, not at every eval
+            # held-out reference log-probs once, not at every eval (pairs only: refcache batches pairs)
+            if not cfg.ref_sync_steps and not unpaired and not cfg.ranked:
                 refcache.attach_reference_logps(
                     reference, run.eval_examples, cfg, pad_id, ranks.device, use_disk_cache=False
                 )
@@ -177,6 +232,13 @@ def dpo(
     if unpaired:
         step, collate = kto.KTOStep(reference, cfg), partial(kto.collate_kto, pad_id=pad_id)
         plot_keys = ("loss", "rewards/chosen", "rewards/rejected", "kl")
+    elif cfg.ranked:
+        layout = layout_name(cfg.padding_free, cfg.prefix_sharing)
+        step, collate = (
+            RankingStep(reference, cfg, lora_reference),
+            partial(collate_rankings, layout=layout, pad_id=pad_id),
+        )
+        plot_keys = ("loss", "rewards/accuracies", "rewards/margins")
     else:
         layout = collate_for(layout_name(cfg.padding_free, cfg.prefix_sharing), pad_id)
         step, collate = DPOStep(reference, cfg, lora_reference), partial(collate_with_reference, collate=layout)

@@ -8,12 +8,16 @@ the reward (`rm:PATH` a reward model of `dpokit rm`, `vader`, or `module:functio
 
   all_pairs      every two responses whose rewards differ by more than min_margin, the higher chosen
   best_vs_worst  the highest against the lowest reward, if they differ by more than min_margin
+  ranking        no pairs: one ranked list per prompt, all its K responses with their rewards as scores
 
 Ties (equal rewards, or within min_margin) are dropped; so are identical responses, and, when the input
 says so, responses cut off at max_new_tokens (drop_unfinished). Output: rows {prompt, chosen, rejected,
-score_chosen, score_rejected} in the prompt's format (an assistant message for conversational
-prompts), which `dpokit dpo` (and `dpokit rm`) read as they are: a .jsonl file, or a directory with
-train.jsonl and, with test_fraction > 0, test.jsonl (split by prompt).
+score_chosen, score_rejected}, or with `ranking` rows {prompt, completions, scores} (equal scores stay:
+they are ties, which the ranking losses handle; a prompt whose responses all tie, or with fewer than two
+left, is dropped), in the prompt's format (an assistant message for conversational prompts), which
+`dpokit dpo` (and `dpokit rm`) read as they are (rankings: with loss_type=plackett_luce or
+pairs_from_ranking): a .jsonl file, or a directory with train.jsonl and, with test_fraction > 0,
+test.jsonl (split by prompt).
 """
 
 import json
@@ -35,8 +39,15 @@ class PairsConfig:
         "sampled responses: the JSONL of `dpokit generate` (prompt, responses[, finished]) or rows of prompt, response",
     )
     reward: str = opt(None, "the reward: rm:PATH (a `dpokit rm` model), vader, or module:function")
-    pairing: str = opt("all_pairs", "which pairs of a prompt's responses to keep", ["all_pairs", "best_vs_worst"])
-    min_margin: float = opt(0.0, "drop pairs whose rewards differ by this much or less (0: only exact ties)")
+    pairing: str = opt(
+        "all_pairs",
+        "which pairs of a prompt's responses to keep; ranking: write one ranked list per prompt instead "
+        "(prompt, completions, scores), for loss_type=plackett_luce or pairs_from_ranking",
+        ["all_pairs", "best_vs_worst", "ranking"],
+    )
+    min_margin: float = opt(
+        0.0, "drop pairs whose rewards differ by this much or less (0: only exact ties; not with ranking)"
+    )
     drop_unfinished: bool = opt(True, "drop responses that did not end with EOS (the input's `finished`)")
     output: str = opt("pairs.jsonl", "a .jsonl file, or a directory that receives train.jsonl (and test.jsonl)")
     test_fraction: float = opt(0.0, "fraction of prompts held out in test.jsonl (output must be a directory)")
@@ -49,6 +60,8 @@ class PairsConfig:
             raise UserError(f"key 'test_fraction': must be in [0, 1), got {self.test_fraction}")
         if self.min_margin < 0:
             raise UserError(f"key 'min_margin': must be non-negative, got {self.min_margin}")
+        if self.pairing == "ranking" and self.min_margin > 0:
+            raise UserError("key 'min_margin': pairs only; a ranking keeps every response with its reward as score")
         if self.output.endswith(".jsonl") and self.test_fraction > 0:
             raise UserError(
                 "key 'test_fraction': needs `output` to be a directory (it receives train.jsonl and test.jsonl)"
@@ -145,6 +158,13 @@ def pairs(config=None) -> dict:
     rows, ties, i = [], 0, 0
     for prompt, responses in kept:
         rewards, i = scores[i : i + len(responses)], i + len(responses)
+        if cfg.pairing == "ranking":
+            if len(responses) < 2 or len(set(rewards)) < 2:
+                ties += 1  # nothing to rank: one response, or all tie
+                continue
+            completions = [response_message(prompt, r) for r in responses]
+            rows.append([{"prompt": prompt, "completions": completions, "scores": rewards}])
+            continue
         pairs, t = make_pairs(responses, rewards, cfg.pairing, cfg.min_margin)
         ties += t
         rows.append(
@@ -160,18 +180,19 @@ def pairs(config=None) -> dict:
             ]
         )
     n_pairs = sum(len(r) for r in rows)
+    what = "ranked lists" if cfg.pairing == "ranking" else "preference pairs"
     if n_pairs == 0:
-        raise UserError(f"{cfg.samples}: no preference pairs (every prompt's responses tie or fewer than 2 are left)")
-    stats = {
-        "prompts": len(groups),
-        "responses": n_read,
-        "pairs": n_pairs,
-        "ties_dropped": ties,
-        "unfinished_dropped": dropped_unfinished,
-        "duplicates_dropped": duplicates,
-        "mean_reward": sum(scores) / len(scores),
-        "mean_margin": sum(r["score_chosen"] - r["score_rejected"] for g in rows for r in g) / n_pairs,
-    }
+        raise UserError(f"{cfg.samples}: no {what} (every prompt's responses tie or fewer than 2 are left)")
+    stats = {"prompts": len(groups), "responses": n_read}
+    if cfg.pairing == "ranking":
+        stats.update(rankings=n_pairs, lists_dropped=ties)
+    else:
+        stats.update(pairs=n_pairs, ties_dropped=ties)
+    stats.update(
+        unfinished_dropped=dropped_unfinished, duplicates_dropped=duplicates, mean_reward=sum(scores) / len(scores)
+    )
+    if cfg.pairing != "ranking":
+        stats["mean_margin"] = sum(r["score_chosen"] - r["score_rejected"] for g in rows for r in g) / n_pairs
     if single_file:
         write_jsonl_atomic(out, [r for g in rows for r in g])
         written = [out]

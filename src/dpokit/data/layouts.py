@@ -179,17 +179,18 @@ def collate_for(layout: str, pad_id: int):
 def prefix_shared_mask(sequence_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
     """(N, T) block and segment ids -> (N, 1, T, T) bool, True where query token q may attend to key token k.
 
-    Causal within a block, and a response segment sees the prompt and itself only: rejected tokens never
-    see chosen ones (they follow chosen in the row, so causality alone would let them). The same rule
-    serves a block [prompt | y_1 | ... | y_k] of k responses (segments 1..k: `dpokit rl`'s rollouts). A
-    padding token sees only itself: a softmax row with nothing to attend to would be NaN, and NaN times a
-    zero gradient is still NaN.
+    Causal within a block, and a response sees the prompt and itself only: rejected tokens never see chosen
+    ones (they follow chosen in the row, so causality alone would let them). The rule is the same for any
+    number of responses in their own segments 1..K (ranked lists, data/rankings.py; `dpokit rl`'s k
+    samples of a prompt, train/rl_step.response_batch). A padding token sees
+    only itself: a softmax row with nothing to attend to would be NaN, and NaN times a zero gradient is
+    still NaN.
     """
     T = sequence_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=sequence_ids.device).tril()  # (T, T)
     same_block = sequence_ids[:, :, None] == sequence_ids[:, None, :]  # (N, T, T)
-    visible = (segment_ids[:, None, :] == PROMPT) | (segment_ids[:, :, None] == segment_ids[:, None, :])
+    prompt_or_own = (segment_ids[:, None, :] == PROMPT) | (segment_ids[:, :, None] == segment_ids[:, None, :])
     real = (sequence_ids >= 0)[:, :, None]  # (N, T, 1)
-    allowed = same_block & causal & visible & real
+    allowed = same_block & causal & prompt_or_own & real
     allowed |= torch.eye(T, dtype=torch.bool, device=sequence_ids.device)
     return allowed[:, None]
