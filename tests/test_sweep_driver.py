@@ -70,6 +70,10 @@ def test_sweep_end_to_end_at_smoke_sizes(tiny_model_dir, tmp_path):
                 assert (results / run / c / "eval.json").is_file() and (
                     results / run / c / "trainer_state.json"
                 ).is_file()
+    reference = json.loads((results / "reference" / "eval.json").read_text())["reference"]
+    assert len(reference["per_prompt"]["reward"]) == 4 and len(reference["rewards_per_prompt"][0]) == 2
+    # evaluated checkpoints but a run's newest are removed; their results stay
+    assert [p.name for p in (out / "seed0" / "dpo-beta0.1").glob("checkpoint-*")] == ["checkpoint-2"]
     frontier = json.loads((results / "frontier" / "frontier.json").read_text())
     methods = {p["method"] for p in frontier["points"]}
     assert methods == {"dpo", "rloo", "ppo", "rloo-rm"}

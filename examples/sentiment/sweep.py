@@ -165,7 +165,10 @@ class Sweep:
         record = {"run": run.name, "seed": self.args.seed, "machine": platform.node(), "commands": [], "seconds": {}}
         log = self.out / "logs" / f"{run.name}.log"
         if not run.train:  # the reference against itself: its samples and rewards, cached for every eval
+            res.mkdir(parents=True, exist_ok=True)  # (`dpokit eval` writes its JSON only into a directory that exists)
             shown, s = self.call(run, self.eval_args(self.args.model, res / "eval.json"), log)
+            if not (res / "eval.json").is_file():
+                raise RuntimeError(f"[{run.name}] wrote no {res / 'eval.json'}")
             record["commands"].append(shown)
             record["seconds"]["eval"] = s
         else:
@@ -185,6 +188,7 @@ class Sweep:
                 shutil.copy(ckpt / "trainer_state.json", target / "trainer_state.json")
                 shown, s = self.call(run, self.eval_args(ckpt, target / "eval.json.tmp"), log)
                 os.replace(target / "eval.json.tmp", target / "eval.json")  # present only when complete
+                # (os.replace raises if the eval wrote nothing: the run is then not marked done)
                 record["commands"].append(shown)
                 record["seconds"][f"eval {ckpt.name}"] = s
             record["checkpoints"] = [c.name for c in found]
