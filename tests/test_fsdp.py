@@ -5,6 +5,8 @@ torchrun, no sharding), which sees the same examples per optimizer step (rank r 
 train/order.py) and whose gradient is the same mean over the step's examples."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -109,3 +111,103 @@ def test_fsdp_two_processes_match_one_process(tiny_model_dir, data, one_process,
     ckpt = out / "checkpoint-2"
     assert (ckpt / "dcp" / ".metadata").is_file() and (ckpt / "model.safetensors").is_file()
     AutoModelForCausalLM.from_pretrained(ckpt)  # a checkpoint is an HF directory too (for evaluation)
+    # 2 -> 1: the checkpoint of step 2, resumed by one plain process with the same global batch
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(ckpt, resumed / "checkpoint-2")
+    args = common(tiny_model_dir, data, resumed, "per_device_train_batch_size=2", "gradient_accumulation_steps=2")
+    r = single("dpo", *args, "resume=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    assert_rows_match(losses(resumed), losses(one_process))  # steps 1-2 kept from the fsdp run, 3-4 its own
+    assert_weights_match(resumed, one_process)
+
+
+def test_fsdp_without_torchrun_is_one_line(tiny_model_dir, data, tmp_path):
+    r = single("dpo", *common(tiny_model_dir, data, tmp_path / "x", "parallelism=fsdp"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: parallelism=fsdp needs torchrun") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"fsdp_cpu_offload": True}, "key 'fsdp_cpu_offload': applies to parallelism=fsdp only"),
+        ({"fsdp_reshard_after_forward": False}, "key 'fsdp_reshard_after_forward': applies to parallelism=fsdp"),
+        ({"parallelism": "zero3"}, "key 'parallelism': 'zero3' is not one of ddp, fsdp"),
+    ],
+)
+def test_invalid_combinations(keys, message):
+    from dpokit.commands.dpo import DPOConfig
+    from dpokit.config import resolve_config
+    from dpokit.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        resolve_config(DPOConfig, {"dataset": "x.jsonl", **keys})
+
+
+def test_resume_refuses_another_global_batch(tmp_path):
+    from dpokit.commands.dpo import DPOConfig
+    from dpokit.config import resolve_config, to_dict
+    from dpokit.errors import UserError
+    from dpokit.train.checkpoint import check_resumable
+
+    saved = resolve_config(DPOConfig, {"dataset": "x.jsonl", "per_device_train_batch_size": 2})
+    state = {"config": to_dict(saved), "world": 2}  # 2 x 1 x 2 = 4 examples per step
+    same = resolve_config(DPOConfig, {"dataset": "x.jsonl", "per_device_train_batch_size": 4})
+    check_resumable(same, state, tmp_path, world=1)  # 4 x 1 x 1: allowed
+    for world, pd in ((1, 2), (2, 4)):
+        other = resolve_config(DPOConfig, {"dataset": "x.jsonl", "per_device_train_batch_size": pd})
+        with pytest.raises(UserError, match="global batch"):
+            check_resumable(other, state, tmp_path, world=world)
+
+
+@pytest.mark.slow
+def test_ddp_with_accumulation_matches_one_process(tiny_model_dir, data, one_process, tmp_path):
+    out = tmp_path / "ddp"
+    args = common(tiny_model_dir, data, out, "per_device_train_batch_size=1", "gradient_accumulation_steps=2")
+    r = torchrun(2, "dpo", *args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_rows_match(losses(out), losses(one_process))
+    assert_weights_match(out, one_process)
+
+
+@pytest.mark.slow
+def test_fsdp_sigkilled_resumes_to_the_same_weights(tiny_model_dir, data, one_process, tmp_path):
+    """Both ranks SIGKILLed right after step 3 (checkpoint-2 written); resume=auto finishes the run."""
+    out = tmp_path / "killed"
+    args = common(
+        tiny_model_dir,
+        data,
+        out,
+        "parallelism=fsdp",
+        "per_device_train_batch_size=1",
+        "gradient_accumulation_steps=2",
+        "save_steps=2",
+    )
+    r = torchrun(2, "dpo", *args, env={**os.environ, "DPOKIT_KILL_AT": "step:3"})
+    assert r.returncode != 0 and (out / "checkpoint-2").is_dir() and not (out / "model.safetensors").exists()
+    r = torchrun(2, "dpo", *args, "resume=auto")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_weights_match(out, one_process)
+    assert_rows_match(losses(out), losses(one_process))
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(tiny_model_dir, data, one_process, tmp_path):
+    """1 -> 2: an unsharded run's checkpoint (safetensors, optimizer.pt) resumed by 2 fsdp ranks."""
+    out = tmp_path / "grown"
+    out.mkdir()
+    args = common(tiny_model_dir, data, out, "per_device_train_batch_size=2", "gradient_accumulation_steps=2")
+    r = single("dpo", *args, "save_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for p in out.iterdir():  # keep checkpoint-2 only: the run resumes from there
+        if p.name != "checkpoint-2":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    args = common(
+        tiny_model_dir, data, out, "parallelism=fsdp", "per_device_train_batch_size=1", "gradient_accumulation_steps=2"
+    )
+    r = torchrun(2, "dpo", *args, "save_steps=2", "resume=auto")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert_weights_match(out, one_process)

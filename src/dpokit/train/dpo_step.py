@@ -153,7 +153,9 @@ class DPOStep:
 
     def load_state(self, directory):
         path = Path(directory) / "reference.safetensors"
-        if self.ref_sync_steps and path.is_file():  # (absent: a sharded checkpoint's DCP state had it)
+        sharded = any(hasattr(p, "to_local") for p in self.reference.parameters()) if self.ref_sync_steps else False
+        # (absent: a sharded checkpoint's DCP state had it; sharded: the loop loaded it, moving_models)
+        if self.ref_sync_steps and path.is_file() and not sharded:
             from safetensors.torch import load_model
 
             load_model(self.reference, str(path))

@@ -189,7 +189,11 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
     resume_from = checkpoint.find_resume(cfg.resume, out)
     if resume_from is not None:
         dcp = parallel.is_dcp_checkpoint(resume_from)
-        load = (lambda p: parallel.load_dcp(p / parallel.DCP_DIR, raw_model, optimizer, moving)) if dcp else None
+        load = None  # an unsharded run's own checkpoint: checkpoint.py reads it
+        if dcp:
+            load = lambda p: parallel.load_dcp(p / parallel.DCP_DIR, raw_model, optimizer, moving)  # noqa: E731
+        elif sharded:
+            load = lambda p: parallel.load_unsharded_checkpoint(p, raw_model, optimizer, moving)  # noqa: E731
         state = checkpoint.load_checkpoint(resume_from, raw_model, optimizer, load)
         checkpoint.check_resumable(cfg, state, resume_from, ranks.world)
         scheduler.load_state_dict(state["scheduler"])

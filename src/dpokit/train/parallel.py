@@ -170,6 +170,44 @@ def load_dcp(directory: Path, model, optimizer, moving: dict):
         set_model_state_dict(m, state[k])
 
 
+def load_unsharded_checkpoint(path: Path, model, optimizer, moving: dict):
+    """A checkpoint written by a run without sharding (model*.safetensors, optimizer.pt indexed by
+    parameter position, `<name>.safetensors` of the moving models) into a sharded model: every rank
+    reads the whole tensors and keeps its shard (1 -> N processes)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    path = Path(path)
+    if (path / "adapter_model.safetensors").is_file():
+        raise UserError(
+            f"{path}: a LoRA checkpoint of a run without fsdp resumes with parallelism=ddp only "
+            "(a LoRA checkpoint written under fsdp resumes either way)"
+        )
+    full = StateDictOptions(full_state_dict=True, strict=False)
+    weights = {}
+    for f in sorted(path.glob("model*.safetensors")):
+        weights.update(load_file(f))
+    result = set_model_state_dict(model, weights, options=full)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise UserError(f"{path}: checkpoint does not match the model ({sorted(result.missing_keys)[:3]} missing)")
+    # optimizer.pt numbers the parameters in the order the optimizer was given them: the trainable
+    # parameters in named_parameters() order, the same names sharded or not
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    saved = torch.load(path / "optimizer.pt", weights_only=True)
+    by_name = {
+        "state": {names[i]: v for i, v in saved["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    for name, m in moving.items():
+        set_model_state_dict(m, load_file(path / f"{name}.safetensors"), options=full)
+
+
 def is_dcp_checkpoint(path) -> bool:
     return (Path(path) / DCP_DIR / ".metadata").is_file()
 

@@ -1,0 +1,143 @@
+"""ddp against fsdp on N processes (CPU, gloo): tokens/s and each rank's peak memory while training.
+
+    python bench/world.py --world 2            # or: python bench/vs_trl.py --world 2
+
+Each parallelism runs `dpokit.dpo` on the embedded SmolLM2-135M under `torchrun --standalone
+--nproc_per_node N`, fp32, on the first pairs of data/sentiment, the same steps and global batch for
+both. Measured per rank:
+- peak memory of the training phase: the RSS high-water mark (Linux VmHWM), reset when training begins
+  (after the model is loaded and, under fsdp, sharded: each process loads the whole model first, a
+  start-up cost that sharding then gives back; the whole process's peak is in the JSON as
+  process_peak_mib);
+- tokens/s: tokens of all ranks per second, the mean of the logged rows after the first `--warmup`.
+Writes bench/results/world<N>.json and .md.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "sentiment" / "train.jsonl"
+
+
+def vm(key: str) -> float:
+    """A /proc/self/status memory line in MiB (VmHWM, VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(args):
+    """One rank of one configuration (run by torchrun)."""
+    import dpokit
+    from dpokit.train.callbacks import Callback
+
+    rank = int(os.environ.get("RANK", "0"))
+
+    class Memory(Callback):
+        def on_train_begin(self, state):
+            self.start_rss = vm("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+
+        def on_train_end(self, state):
+            self.peak = vm("VmHWM")
+
+    memory = Memory()
+    config = {
+        "model": "default",
+        "dataset": args.data,
+        "output_dir": str(Path(args.work) / args.parallelism),
+        "parallelism": args.parallelism,
+        "precision": "fp32",
+        "max_steps": args.steps,
+        "logging_steps": 1,
+        "per_device_train_batch_size": args.batch,
+        "max_length": args.max_length,
+        "max_prompt_length": args.max_length // 2,
+        "learning_rate": 1e-6,
+        "progress_bar": False,
+    }
+    result = dpokit.dpo(config, callbacks=[memory])
+    rows = [r for r in result.metrics if "tokens_per_second" in r]
+    out = {
+        "rank": rank,
+        "peak_train_mib": memory.peak,
+        "rss_at_train_start_mib": memory.start_rss,
+        "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if rank == 0:
+        out["tokens_per_second"] = statistics.mean(r["tokens_per_second"] for r in rows[args.warmup :] or rows)
+        out["loss"] = [r["loss"] for r in rows]
+    Path(args.work, f"{args.parallelism}-rank{rank}.json").write_text(json.dumps(out))
+
+
+def make_data(path: Path, n: int):
+    rows = DATA.read_text().splitlines()[:n]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--world", type=int, default=2, help="processes (torchrun --nproc_per_node)")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2, help="first logged rows left out of tokens/s")
+    ap.add_argument("--batch", type=int, default=2, help="per_device_train_batch_size")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--parallelism", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_world_"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "pairs.jsonl"
+    make_data(data, args.world * args.batch * args.steps)
+    results = {}
+    for parallelism in ("ddp", "fsdp"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.world)]
+        cmd += [__file__, "--worker", "--parallelism", parallelism, "--data", str(data), "--work", str(work)]
+        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+        cmd += ["--max-length", str(args.max_length)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"{parallelism} failed:\n{r.stderr[-3000:]}")
+        ranks = [json.loads((work / f"{parallelism}-rank{i}.json").read_text()) for i in range(args.world)]
+        first = ranks[0]
+        results[parallelism] = {"tokens_per_second": first["tokens_per_second"], "loss": first["loss"], "ranks": ranks}
+    ratio = max(r["peak_train_mib"] for r in results["fsdp"]["ranks"]) / max(
+        r["peak_train_mib"] for r in results["ddp"]["ranks"]
+    )
+    lines = [
+        f"# ddp vs fsdp, {args.world} processes (CPU, gloo, embedded SmolLM2-135M, fp32)",
+        "",
+        f"{args.steps} steps of {args.world} x {args.batch} pairs, max_length {args.max_length}; "
+        f"tokens/s over the steps after the first {args.warmup}; peak = RSS high-water mark while training.",
+        "",
+        "| parallelism | tokens/s (all ranks) | " + " | ".join(f"peak rank {i} MiB" for i in range(args.world)) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in range(args.world)) + " |",
+    ]
+    for name, res in results.items():
+        peaks = " | ".join(f"{r['peak_train_mib']:.0f}" for r in res["ranks"])
+        lines.append(f"| {name} | {res['tokens_per_second']:.0f} | {peaks} |")
+    lines += ["", f"fsdp peak / ddp peak (largest rank): {ratio:.2f}"]
+    report = "\n".join(lines)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"world{args.world}.json").write_text(json.dumps({**results, "peak_ratio": ratio}, indent=1))
+    (out / f"world{args.world}.md").write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
