@@ -27,7 +27,8 @@ def common(model, data, out, *extra):
         "precision=fp32",
         "learning_rate=1e-3",
         "progress_bar=false",
-        "max_eval_examples=4",
+        "max_eval_examples=3",  # 2 ranks: 2 and 1 held-out pairs (an uneven share, one batch each at a time)
+        "per_device_eval_batch_size=1",
         "max_length=64",
         *extra,
     ]
@@ -46,9 +47,9 @@ def single(*args, env=None):
     )
 
 
-def losses(out):
+def losses(out, key="loss"):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+    return [r for r in rows if key in r]
 
 
 def assert_rows_match(a, b, keys=("loss", "rewards/margins", "rewards/accuracies", "grad_norm")):
@@ -103,6 +104,7 @@ def test_fsdp_two_processes_match_one_process(tiny_model_dir, data, one_process,
     r = torchrun(2, "dpo", *args)
     assert r.returncode == 0, r.stderr[-4000:]
     assert_rows_match(losses(out), losses(one_process))
+    assert_rows_match(losses(out, "eval/loss"), losses(one_process, "eval/loss"), ("eval/loss", "eval/rewards/margins"))
     assert_weights_match(out, one_process)
     from transformers import AutoModelForCausalLM
 

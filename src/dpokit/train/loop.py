@@ -77,12 +77,19 @@ def evaluate(model, step, collate, examples, cfg, ranks: Ranks) -> dict:
     sums = MetricSums()
     mine = list(range(len(examples)))[ranks.rank :: ranks.world]
     bs = cfg.per_device_eval_batch_size
-    for i in range(0, len(mine), bs):
+    # a sharded model's forward is collective: every rank runs as many batches as rank 0 (which has
+    # the most), a rank that has run out repeating one example and counting nothing of it
+    n_batches = math.ceil(math.ceil(len(examples) / ranks.world) / bs) if parallel.is_sharded(model) else 0
+    for i in range(0, max(len(mine), n_batches * bs), bs):
         chunk = [examples[j] for j in mine[i : i + bs]]
-        batch = to_device(collate(chunk), ranks.device)
+        batch = to_device(collate(chunk or examples[:1]), ranks.device)
         with autocast(ranks.device, cfg.precision):
             losses, metrics = step(model, batch)
-        sums.add({"loss": losses, **metrics}, len(chunk))
+        if chunk:
+            sums.add({"loss": losses, **metrics}, len(chunk))
+        else:  # the same keys with nothing counted, so that every rank's all-reduce has the same shape
+            values = {k: v[0] if isinstance(v, tuple) else v for k, v in {"loss": losses, **metrics}.items()}
+            sums.add({k: (v, torch.zeros_like(v)) for k, v in values.items()}, 0)
     model.train(was_training)
     return {"eval/" + k: v for k, v in sums.means().items()}
 
