@@ -55,7 +55,12 @@ def worker(args):
             if state.step == state.total_steps:  # the steps' peak, before the final checkpoint and export
                 self.peak = vm("VmHWM")
 
-    import transformers  # noqa: F401 (the libraries' own memory is part of the baseline)
+    # the libraries' own memory is part of the baseline: import what training imports (transformers is lazy)
+    import torch.distributed.fsdp  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    import dpokit.commands.dpo  # noqa: F401
 
     baseline = vm("VmRSS")  # the interpreter, torch, transformers, dpokit: what any process pays
     memory = Memory()

@@ -121,7 +121,7 @@ def test_fsdp_two_processes_match_one_process(tiny_model_dir, data, one_process,
     r = single("dpo", *args, "resume=auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr
-    assert_rows_match(losses(resumed), losses(one_process))  # steps 1-2 kept from the fsdp run, 3-4 its own
+    assert_rows_match(losses(resumed), [r for r in losses(one_process) if r["step"] > 2])  # (the steps it ran)
     assert_weights_match(resumed, one_process)
 
 
