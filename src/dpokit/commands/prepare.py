@@ -133,7 +133,8 @@ def save_with_tokenizer(tokenizer):
     final directory) and the tokenizer, as a directory `from_pretrained` loads."""
 
     def save(model, out_dir, final=False, state_dict=None):  # state_dict: a sharded model's, gathered
-        return models.save_model(model, tokenizer, out_dir, merge_lora=final, state_dict=state_dict)
+        gathered = {} if state_dict is None else {"state_dict": state_dict}
+        return models.save_model(model, tokenizer, out_dir, merge_lora=final, **gathered)
 
     return save
 

@@ -174,7 +174,7 @@ def _save(model, out_dir, tokenizer, final=False, state_dict=None):
     if final and head is not None:
         del model.value_head
     try:
-        models.save_model(model, tokenizer, out_dir, state_dict=state_dict)
+        models.save_model(model, tokenizer, out_dir, **({} if state_dict is None else {"state_dict": state_dict}))
     finally:
         if final and head is not None:
             model.value_head = head
