@@ -783,6 +783,12 @@ def parse_args(argv=None):
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration before it counts as failed")
     ap.add_argument("--work", default=None, help="directory for the model and data files (default: a temp dir)")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument(
+        "--world",
+        type=int,
+        default=None,
+        help="instead: ddp against fsdp on this many CPU processes (bench/world.py: tokens/s, peak memory per rank)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -791,6 +797,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         return child(args.child)
+    if args.world:  # a separate benchmark, its own file: dpokit alone, no TRL
+        sys.path.insert(0, str(Path(__file__).parent))
+        import world
+
+        return world.main(["--world", str(args.world), "--out", args.out])
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

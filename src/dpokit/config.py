@@ -29,6 +29,8 @@ def opt(default, help: str, choices=None, **kw):
 # dpokit.precision.PRECISIONS (kept here so that config answers without importing torch; a test keeps
 # the two lists equal)
 PRECISIONS = ["auto", "fp32", "bf16"]
+# how the model is spread over torchrun's processes (train/parallel.py)
+PARALLELISMS = ["ddp", "fsdp"]
 # report_to's values, as TRL's (dpokit.train.reporters.REPORTERS has the two that are reporters)
 REPORT_TO = ["none", "all", "tensorboard", "wandb"]
 
@@ -100,6 +102,21 @@ class TrainConfig:
         False,
         "recompute activations in the backward pass: less memory, ~30% more "
         "compute (off by default: turn on when memory runs out)",
+    )
+    parallelism: str = opt(
+        "ddp",
+        "under torchrun: ddp (a whole copy of model, gradients and optimizer on every process) or fsdp "
+        "(PyTorch FSDP2: each decoder layer and the root sharded across processes, the reference too; "
+        "sharded DCP checkpoints); see docs/distributed.md",
+        PARALLELISMS,
+    )
+    fsdp_cpu_offload: bool = opt(
+        False, "fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy)"
+    )
+    fsdp_reshard_after_forward: bool = opt(
+        True,
+        "fsdp: free each layer's gathered parameters after its forward (gather again for the backward): "
+        "less memory, one more all-gather per layer",
     )
     use_lora: bool = opt(False, "train LoRA adapters (peft) instead of all weights; merged into a plain model on save")
     lora_r: int = opt(16, "LoRA rank")
@@ -391,6 +408,12 @@ def validate(cfg):
         raise UserError(f"key 'dataset'{alternative} is required (a file, a `datasets` directory or a hub name)")
     if hasattr(cfg, "model") and cfg.model is None:
         raise UserError("key 'model' is required")
+    if getattr(cfg, "parallelism", "ddp") != "fsdp":
+        for name in ("fsdp_cpu_offload",):
+            if getattr(cfg, name, False):
+                raise UserError(f"key '{name}': applies to parallelism=fsdp only (parallelism is {cfg.parallelism})")
+        if not getattr(cfg, "fsdp_reshard_after_forward", True):
+            raise UserError("key 'fsdp_reshard_after_forward': applies to parallelism=fsdp only")
     if hasattr(cfg, "check_reporting"):
         cfg.check_reporting()
     if hasattr(cfg, "check"):  # the rules of one command's own keys, kept beside them in its config class

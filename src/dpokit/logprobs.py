@@ -331,11 +331,23 @@ def chunked_token_logps(
     head, scale, softcap = output_head(inner)
     keep, rows = kept_positions(model, positions, inputs["input_ids"].shape)
     extra = {} if keep is None else {"logits_to_keep": keep}
-    seen = []
+    seen, probes = [], []
 
     def take_hidden_states(module, args):
-        seen.append(args[0])  # (N, K, H): what the head would multiply
-        return (args[0].reshape(-1, args[0].shape[-1])[:1],) + args[1:]  # the model's own head: 1 position
+        # the head's log-probs are computed here, within the model's forward, where the head's weight is
+        # whole even when FSDP shards it (after the forward only a shard may be left; FSDP keeps the
+        # gathered weight the backward needs alive, like any weight used in a forward)
+        hidden = args[0].reshape(-1, args[0].shape[-1])  # (N*K, H): what the head would multiply
+        w, b = module.weight, module.bias
+        seen.append(ChunkedTokenLogps.apply(hidden[rows], w, b, targets, chunk_size, scale, softcap, fp32_head))
+        if inner not in _CHECKED_HEADS:
+            device = hidden.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else w.dtype
+            with torch.no_grad():  # our logits at one position, in the dtype the model's head computes in
+                probes.append(
+                    head_logits(hidden[:1], w.to(dtype), None if b is None else b.to(dtype), scale, softcap)[0]
+                )
+        return (hidden[:1],) + args[1:]  # the model's own head: 1 position
 
     hook = head.register_forward_pre_hook(take_hidden_states)
     try:
@@ -347,23 +359,15 @@ def chunked_token_logps(
             f"chunked log-probs: {type(inner).__name__} called its output layer {len(seen)} times "
             f"in one forward; set logprob_chunk_size to null"
         )
-    hidden = seen[0].reshape(-1, seen[0].shape[-1])  # (N*K, H)
-    if inner not in _CHECKED_HEADS:
-        check_head(inner, hidden[:1], out.logits, head, scale, softcap)
+    if probes:
+        check_head(inner, probes[0], out.logits)
         _CHECKED_HEADS.add(inner)
-    return ChunkedTokenLogps.apply(hidden[rows], head.weight, head.bias, targets, chunk_size, scale, softcap, fp32_head)
+    return seen[0]
 
 
 @torch.no_grad()
-def check_head(model, hidden, model_logits, head, scale, softcap):
-    """Our logits at one position must be the model's: catches a final transform we don't know of."""
-    ours = head_logits(
-        hidden,
-        head.weight.to(model_logits.dtype),
-        None if head.bias is None else head.bias.to(model_logits.dtype),
-        scale,
-        softcap,
-    )[0]
+def check_head(model, ours, model_logits):
+    """Our logits at one position (1, V) must be the model's: catches a final transform we don't know of."""
     theirs = model_logits.reshape(-1, model_logits.shape[-1])[:1].float()
     err = (ours - theirs).abs().max().item()
     if not err <= 1e-2 * theirs.abs().max().item() + 1e-4:

@@ -202,14 +202,48 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_model(model, tokenizer, out_dir: Path, merge_lora: bool = False):
+def save_model(model, tokenizer, out_dir: Path, merge_lora: bool = False, state_dict=None):
     """save_pretrained with safetensors; the result loads with AutoModelForCausalLM.from_pretrained.
 
     A LoRA model is saved as its adapter (checkpoints, to resume from), or with merge_lora merged into
-    a plain model (the final output, which needs no peft to load); the merged model is returned."""
+    a plain model (the final output, which needs no peft to load); the merged model is returned.
+    state_dict: the model's whole weights when the model itself holds only shards (fsdp, gathered by
+    train/parallel.py); a LoRA model's are then merged from that dict, the model is left as it is."""
     model = unwrap_ddp(model)
+    if state_dict is not None and merge_lora and is_peft(model):
+        model.get_base_model().save_pretrained(out_dir, state_dict=merged_lora_weights(model, state_dict))
+        tokenizer.save_pretrained(out_dir)
+        return model
     if merge_lora and is_peft(model):
         model = model.merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(
+        out_dir, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict})
+    )
     tokenizer.save_pretrained(out_dir)
     return model
+
+
+def merged_lora_weights(peft_model, state_dict: dict) -> dict:
+    """A PEFT LoRA model's whole state dict -> the plain base model's, each adapted weight merged:
+    W + scaling * B @ A (what merge_and_unload computes), under the base model's own names."""
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."
+    modules = dict(peft_model.named_modules())
+    merged = {}
+    for name, tensor in state_dict.items():
+        parts = name.split(".")
+        if any(part.startswith("lora_") for part in parts):
+            continue
+        if "base_layer" in parts and parts[-1] == "weight":
+            owner = ".".join(parts[: parts.index("base_layer")])
+            layer = modules[owner]
+            if isinstance(layer, LoraLayer):
+                for a in layer.active_adapters:
+                    A, B = state_dict[f"{owner}.lora_A.{a}.weight"], state_dict[f"{owner}.lora_B.{a}.weight"]
+                    delta = (B.float() @ A.float()) * layer.scaling[a]  # (out, r) @ (r, in)
+                    if getattr(layer, "fan_in_fan_out", False):
+                        delta = delta.T
+                    tensor = (tensor.float() + delta).to(tensor.dtype)
+        merged[name.replace(".base_layer.", ".").removeprefix(prefix)] = tensor
+    return merged

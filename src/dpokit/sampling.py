@@ -35,6 +35,9 @@ def sample_responses(
         if temperature > 0
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     )
+    # a sharded (fsdp) model gathers its parameters with the other ranks at every forward: every rank
+    # must run as many forwards as the longest generation among them
+    synced = {"synced_gpus": True} if any(type(p).__name__ == "DTensor" for p in model.parameters()) else {}
     out = []
     try:
         for i in range(0, len(prompts), batch_size):
@@ -49,6 +52,7 @@ def sample_responses(
                     pad_token_id=pad,
                     eos_token_id=eos,
                     **sampling,
+                    **synced,
                 )
             for row in generated[:, T:].tolist():
                 out.append(row[: row.index(eos) + 1] if eos in row else row)

@@ -84,7 +84,7 @@ def prepare(
 ) -> Prepared:
     """Devices, seed, output_dir checks, tokenizer, data, then the model (the caller's, or loaded with
     `load_model(name, trust_remote_code)`), with dropout off when cfg.disable_dropout."""
-    ranks = setup_distributed()
+    ranks = setup_distributed(getattr(cfg, "parallelism", "ddp"))
     set_seed(cfg.seed)
     loop.check_output_dir(cfg)
     if tokenizer is None:
@@ -132,8 +132,9 @@ def save_with_tokenizer(tokenizer):
     """The loop's save function: the model (a LoRA model as its adapter in checkpoints, merged in the
     final directory) and the tokenizer, as a directory `from_pretrained` loads."""
 
-    def save(model, out_dir, final=False):
-        return models.save_model(model, tokenizer, out_dir, merge_lora=final)
+    def save(model, out_dir, final=False, state_dict=None):  # state_dict: a sharded model's, gathered
+        gathered = {} if state_dict is None else {"state_dict": state_dict}
+        return models.save_model(model, tokenizer, out_dir, merge_lora=final, **gathered)
 
     return save
 

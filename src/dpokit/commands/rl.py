@@ -214,14 +214,17 @@ def rl(config=None, *, model=None, ref_model=None, tokenizer=None, train_dataset
     )
 
 
-def _save(model, out_dir, tokenizer, final=False):
-    """Checkpoints keep the value head (for resume); the final directory holds the policy alone."""
+def _save(model, out_dir, tokenizer, final=False, state_dict=None):
+    """Checkpoints keep the value head (for resume); the final directory holds the policy alone.
+    state_dict: a sharded (fsdp) model's whole weights, gathered by the loop."""
     model = models.unwrap_ddp(model)
     head = getattr(model, "value_head", None)
+    if final and state_dict is not None:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("value_head.")}
     if final and head is not None:
         del model.value_head
     try:
-        models.save_model(model, tokenizer, out_dir)
+        models.save_model(model, tokenizer, out_dir, **({} if state_dict is None else {"state_dict": state_dict}))
     finally:
         if final and head is not None:
             model.value_head = head

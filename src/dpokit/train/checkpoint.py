@@ -103,7 +103,8 @@ def save_checkpoint(out_dir: Path, step: int, save_model, optimizer, trainer_sta
         tmp = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.", suffix=".tmp", dir=out_dir))
         save_model(tmp)
         fault_point(f"save:{step}")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer is not None:  # (None: save_model wrote it, sharded, with the model: train/parallel.py)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         torch.save({"cpu": torch.get_rng_state(), **({"cuda": cuda} if cuda else {})}, tmp / "rng_state.pt")
         state = {**trainer_state, "step": step, "rng": rng_state(), "checkpoint_format": FORMAT}
@@ -318,12 +319,16 @@ def _warn_unverified(path):
         log.warning("%s: written by an older dpokit without %s: its files cannot be verified", path, MANIFEST)
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
+def load_checkpoint(path: Path, model, optimizer, load_weights=None) -> dict:
     """Restore weights, optimizer and RNG states; return the trainer state. Any failure to read the
     files (one that verify() could not foresee, e.g. an older checkpoint without a manifest) is one
-    UserError naming the checkpoint."""
+    UserError naming the checkpoint. load_weights(path), when given, restores weights and optimizer
+    itself (a sharded DCP checkpoint: train/parallel.py)."""
     path = Path(path)
     try:
+        if load_weights is not None:
+            load_weights(path)
+            return _load_trainer_state(path)
         return _load(path, model, optimizer)
     except UserError:
         raise
@@ -359,6 +364,10 @@ def _load(path: Path, model, optimizer) -> dict:
 
 def _load_rest(path, optimizer) -> dict:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return _load_trainer_state(path)
+
+
+def _load_trainer_state(path) -> dict:
     state = json.loads((path / STATE).read_text())
     set_rng_state(state["rng"], torch.load(path / "rng_state.pt", weights_only=True))
     return state
@@ -379,9 +388,30 @@ RESUME_FREE_KEYS = {
 }
 
 
-def check_resumable(cfg, state, path):
+# how the run is spread over processes: a checkpoint of any of them resumes in any other
+PARALLEL_KEYS = {"parallelism", "fsdp_cpu_offload", "fsdp_reshard_after_forward"}
+BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def check_resumable(cfg, state, path, world: int = 1):
+    """The config must be the checkpoint's, up to RESUME_FREE_KEYS and PARALLEL_KEYS. With another number
+    of processes (`world`), the batch keys may change as long as the global batch, per-device batch x
+    accumulation x processes, does not: train/order.py then hands out the same examples per step."""
     saved = state.get("config", {})
-    diff = [k for k, v in to_dict(cfg).items() if k not in RESUME_FREE_KEYS and k in saved and saved[k] != v]
+    free = RESUME_FREE_KEYS | PARALLEL_KEYS
+    saved_world = state.get("world")
+    if saved_world is not None and all(k in saved for k in BATCH_KEYS):
+        now = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+        then = saved["per_device_train_batch_size"] * saved["gradient_accumulation_steps"] * saved_world
+        if now != then:
+            raise UserError(
+                f"{path}: cannot resume: the global batch (per_device_train_batch_size x "
+                f"gradient_accumulation_steps x processes) is {now}, the checkpoint's is {then} "
+                f"({saved['per_device_train_batch_size']} x {saved['gradient_accumulation_steps']} x {saved_world})"
+            )
+        if world != saved_world:
+            free = free | set(BATCH_KEYS)
+    diff = [k for k, v in to_dict(cfg).items() if k not in free and k in saved and saved[k] != v]
     if diff:
         raise UserError(
             f"{path}: cannot resume: the config differs in {', '.join(diff)} "

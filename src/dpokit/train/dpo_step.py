@@ -138,18 +138,27 @@ class DPOStep:
         if self.bco_mean is not None:
             self.bco_mean.load_state_dict(state["bco"])
 
+    def moving_models(self) -> dict:
+        """Models besides the policy whose weights training changes: a sharded checkpoint (fsdp,
+        train/parallel.py) holds them in its DCP state; otherwise save_state writes them."""
+        return {"reference": self.reference} if self.ref_sync_steps else {}
+
     def save_state(self, directory):
-        """A reference that moves (TR-DPO) is part of the run's state: checkpoint it too."""
-        if self.ref_sync_steps:
+        """A reference that moves (TR-DPO) is part of the run's state: checkpoint it too (a sharded one
+        went into the checkpoint's DCP state, see moving_models)."""
+        if self.ref_sync_steps and not any(hasattr(p, "to_local") for p in self.reference.parameters()):
             from safetensors.torch import save_model
 
             save_model(self.reference, str(Path(directory) / "reference.safetensors"))
 
     def load_state(self, directory):
-        if self.ref_sync_steps:
+        path = Path(directory) / "reference.safetensors"
+        sharded = any(hasattr(p, "to_local") for p in self.reference.parameters()) if self.ref_sync_steps else False
+        # (absent: a sharded checkpoint's DCP state had it; sharded: the loop loaded it, moving_models)
+        if self.ref_sync_steps and path.is_file() and not sharded:
             from safetensors.torch import load_model
 
-            load_model(self.reference, str(Path(directory) / "reference.safetensors"))
+            load_model(self.reference, str(path))
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ Gradient accumulation weights every example equally, so k micro-batches of b exa
 gradient of one batch of k*b examples (the per-step loss is sum(losses) / examples-in-the-step).
 """
 
-import contextlib
 import math
 import os
 import shutil
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from dpokit.config import save_config, to_dict
 from dpokit.errors import Interrupted, UserError
 from dpokit.report import log, read_metrics
-from dpokit.train import checkpoint
+from dpokit.train import checkpoint, parallel
 from dpokit.train.callbacks import CallbackList, MetricsFile, Plot, Progress, TrainState
 from dpokit.train.checkpoint import fault_point
 from dpokit.train.lock import RunLock, check_free
@@ -55,15 +54,14 @@ def forward_backward(model, step, micro_batches: list, ranks: Ranks, precision: 
 
     Each micro-batch's loss is sum(losses) / (examples in the whole step), so the accumulated gradient
     is that of the mean loss over the step's examples, whatever the micro-batch sizes. Under DDP only
-    the last micro-batch all-reduces gradients.
+    the last micro-batch all-reduces gradients; under fsdp every micro-batch reduce-scatters its own.
     """
     n_step = sum(b["num_examples"] for b in micro_batches)
     tokens = 0
     for i, batch in enumerate(micro_batches):
         batch = to_device(batch, ranks.device)
         tokens += int(batch["num_tokens"])
-        sync = ranks.world == 1 or i == len(micro_batches) - 1
-        with contextlib.nullcontext() if sync else model.no_sync(), autocast(ranks.device, precision):
+        with parallel.no_sync(model, last=i == len(micro_batches) - 1), autocast(ranks.device, precision):
             losses, metrics = step(model, batch)
             loss = losses.sum() / n_step
         loss.backward()
@@ -79,12 +77,19 @@ def evaluate(model, step, collate, examples, cfg, ranks: Ranks) -> dict:
     sums = MetricSums()
     mine = list(range(len(examples)))[ranks.rank :: ranks.world]
     bs = cfg.per_device_eval_batch_size
-    for i in range(0, len(mine), bs):
+    # a sharded model's forward is collective: every rank runs as many batches as rank 0 (which has
+    # the most), a rank that has run out repeating one example and counting nothing of it
+    n_batches = math.ceil(math.ceil(len(examples) / ranks.world) / bs) if parallel.is_sharded(model) else 0
+    for i in range(0, max(len(mine), n_batches * bs), bs):
         chunk = [examples[j] for j in mine[i : i + bs]]
-        batch = to_device(collate(chunk), ranks.device)
+        batch = to_device(collate(chunk or examples[:1]), ranks.device)
         with autocast(ranks.device, cfg.precision):
             losses, metrics = step(model, batch)
-        sums.add({"loss": losses, **metrics}, len(chunk))
+        if chunk:
+            sums.add({"loss": losses, **metrics}, len(chunk))
+        else:  # the same keys with nothing counted, so that every rank's all-reduce has the same shape
+            values = {k: v[0] if isinstance(v, tuple) else v for k, v in {"loss": losses, **metrics}.items()}
+            sums.add({k: (v, torch.zeros_like(v)) for k, v in values.items()}, 0)
     model.train(was_training)
     return {"eval/" + k: v for k, v in sums.means().items()}
 
@@ -172,10 +177,10 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
     model.to(ranks.device)
     model.train()
     raw_model = model
-    if ranks.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None
-        )
+    model = parallel.wrap(model, cfg, ranks)  # itself, in DDP, or sharded in place (fsdp)
+    parallel.shard_frozen(step, cfg, ranks)
+    sharded = parallel.is_sharded(raw_model)
+    moving = step.moving_models() if hasattr(step, "moving_models") else {}  # (TR-DPO's reference)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, model)  # (param groups: per-module learning rates, train/optim.py)
     per_epoch = micro_batches_per_epoch(len(train_examples), cfg.per_device_train_batch_size, ranks)
@@ -190,8 +195,14 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
     window_t0 = time.perf_counter()
     resume_from = checkpoint.find_resume(cfg.resume, out)
     if resume_from is not None:
-        state = checkpoint.load_checkpoint(resume_from, raw_model, optimizer)
-        checkpoint.check_resumable(cfg, state, resume_from)
+        dcp = parallel.is_dcp_checkpoint(resume_from)
+        load = None  # an unsharded run's own checkpoint: checkpoint.py reads it
+        if dcp:
+            load = lambda p: parallel.load_dcp(p / parallel.DCP_DIR, raw_model, optimizer, moving)  # noqa: E731
+        elif sharded:
+            load = lambda p: parallel.load_unsharded_checkpoint(p, raw_model, optimizer, moving)  # noqa: E731
+        state = checkpoint.load_checkpoint(resume_from, raw_model, optimizer, load)
+        checkpoint.check_resumable(cfg, state, resume_from, ranks.world)
         scheduler.load_state_dict(state["scheduler"])
         if hasattr(step, "load_state_dict"):
             step.load_state_dict(state.get("step_state", {}))
@@ -235,6 +246,7 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
             "grad_norms": grad_norms,
             "config": to_dict(cfg),
             "step_state": step.state_dict() if hasattr(step, "state_dict") else {},
+            "world": ranks.world,
         }
         if not all_finite(raw_model.parameters()):  # (never: every step checks; a checkpoint must not be the first)
             raise UserError(f"step {step_no}: refusing to save a checkpoint of non-finite weights")
@@ -245,7 +257,17 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
                 step.save_state(directory)
 
         path = None
-        if ranks.main and save_fn:
+        if sharded and save_fn:  # every rank writes its shards; rank 0 the rest
+
+            def write_model(directory, state_dict):
+                save_fn(raw_model, directory, state_dict=state_dict)
+                if hasattr(step, "save_state"):
+                    step.save_state(directory)
+
+            path = parallel.save_sharded(
+                out, step_no, raw_model, optimizer, saved, write_model, moving, cfg.save_total_limit, ranks
+            )
+        elif ranks.main and save_fn:
             path = checkpoint.save_checkpoint(out, step_no, write, optimizer, saved, cfg.save_total_limit)
         if dist.is_initialized():
             dist.barrier()
@@ -300,7 +322,7 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
                 step_sums = MetricSums()
                 tokens = forward_backward(model, step, micro, ranks, cfg.precision, step_sums)
                 clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                grad_norm = parallel.clip_grad_norm(params, clip)
                 step_loss = step_sums.means().get("loss", 0.0)
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 if math.isfinite(grad_norm) and math.isfinite(step_loss):
@@ -359,13 +381,14 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
             # a first signal from here on just lets the run finish; a second still stops at once
             run_eval(end)
             last = save_checkpoint(end)
+            if save_fn and not all_finite(raw_model.parameters()):
+                raise UserError(f"refusing to save non-finite weights to {out}")
+            # fsdp: the whole weights gathered to rank 0, tensor by tensor (every rank takes part)
+            extra = {"state_dict": parallel.full_state_dict(raw_model, ranks.main)} if sharded and save_fn else {}
             if ranks.main and save_fn:
-                if not all_finite(raw_model.parameters()):
-                    raise UserError(f"refusing to save non-finite weights to {out}")
-                raw_model = (
-                    checkpoint.save_final(out, lambda d: save_fn(raw_model, d, final=True), last) or raw_model
-                )  # (a LoRA model comes back merged)
-                state.model = raw_model
+                saved_model = checkpoint.save_final(out, lambda d: save_fn(raw_model, d, final=True, **extra), last)
+                raw_model = saved_model if not sharded and saved_model is not None else raw_model
+                state.model = raw_model  # (a LoRA model comes back merged; a sharded one stays as it is)
             cbs.on_train_end(state)
     finally:
         cbs.close()

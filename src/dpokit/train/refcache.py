@@ -32,6 +32,7 @@ process), which reproduces what a live reference computes there exactly, in any 
 import hashlib
 
 import torch
+import torch.distributed as dist
 
 from dpokit.data.layouts import collate_for, layout_name
 from dpokit.io import atomic_write
@@ -85,6 +86,25 @@ def pair_logps(model, examples, pad_id, batch_size, device, precision, chunk_siz
     return torch.cat(chosen), torch.cat(rejected)
 
 
+def shared_pair_logps(model, examples, pad_id, batch_size, device, precision, chunk_size=None, layout="padded"):
+    """pair_logps with its batches dealt out over torchrun's ranks (rank r computes batches r, r + world,
+    ...) and gathered on every rank: the very batches one process would compute, so the same numbers,
+    in 1/world of the time. The model here is whole on every rank (sharding comes later, in the loop)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return pair_logps(model, examples, pad_id, batch_size, device, precision, chunk_size, layout)
+    starts = list(range(0, len(examples), batch_size))[dist.get_rank() :: world]
+    mine = {
+        s: pair_logps(model, examples[s : s + batch_size], pad_id, batch_size, device, precision, chunk_size, layout)
+        for s in starts
+    }
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    parts = dict(kv for part in everyone for kv in part.items())  # {first example: (chosen (b,), rejected (b,))}
+    order = sorted(parts)
+    return torch.cat([parts[s][0] for s in order]), torch.cat([parts[s][1] for s in order])
+
+
 def attach(examples, chosen, rejected):
     for p, c, r in zip(examples, chosen.tolist(), rejected.tolist()):
         p.reference_logps = (c, r)
@@ -110,11 +130,11 @@ def attach_reference_logps(reference, examples, cfg, pad_id, device, use_disk_ca
             attach(examples, cached["chosen"], cached["rejected"])
             log.info("reference log-probs of %d pairs from the cache (%s)", len(examples), path.name)
             return
-    chosen, rejected = pair_logps(
+    chosen, rejected = shared_pair_logps(
         reference, examples, pad_id, batch_size, device, cfg.precision, cfg.logprob_chunk_size, layout
     )
     attach(examples, chosen, rejected)
-    if path is not None:
+    if path is not None and (not dist.is_initialized() or dist.get_rank() == 0):
         from safetensors.torch import save_file
 
         # atomic: a concurrent run sees the whole file or none

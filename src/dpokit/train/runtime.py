@@ -1,5 +1,5 @@
 """Where a run executes: its ranks and device, seeds, precision, and the few collective operations the
-loop needs. Single process by default; under `torchrun` one process per device (DDP or, later, FSDP)."""
+loop needs. Single process by default; under `torchrun` one process per device (DDP or FSDP2)."""
 
 import contextlib
 import os
@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
+from dpokit.errors import UserError
 from dpokit.precision import resolve_for as resolve_precision
 
 
@@ -26,10 +28,18 @@ class Ranks:
         return self.rank == 0
 
 
-def setup_distributed() -> Ranks:
-    """Single process by default; under `torchrun` (WORLD_SIZE > 1) one process per device, DDP."""
+def setup_distributed(parallelism: str = "ddp") -> Ranks:
+    """Single process by default; under `torchrun` (WORLD_SIZE > 1) one process per device, DDP or FSDP2
+    (train/parallel.py). fsdp needs torchrun's environment even for one process: its device mesh is
+    built on a process group."""
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    if parallelism == "fsdp" and not launched:
+        raise UserError(
+            "parallelism=fsdp needs torchrun (e.g. torchrun --nproc_per_node 8 -m dpokit.cli dpo ... "
+            "parallelism=fsdp); a plain process trains alone without it"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or parallelism == "fsdp") and not dist.is_initialized():
         # metrics are reduced as CPU tensors: gloo for those, nccl for the gradients on GPUs
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -75,6 +85,11 @@ def all_finite(params) -> bool:
     """Whether every value of every tensor is finite: one max-abs per tensor (no overflow, unlike a
     sum of squares; NaN propagates through max), one host sync."""
     params = [p.detach() for p in params]
-    if not params:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf"))).max()))
+    # FSDP2's DTensor parameters: each rank checks its own shard, then the ranks agree
+    sharded = any(isinstance(p, DTensor) for p in params)
+    params = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    params = [p for p in params if p.numel()]
+    finite = torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf"))).max()) if params else True
+    if sharded and dist.is_initialized():
+        return all_reduce_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0
+    return bool(finite)
