@@ -86,6 +86,9 @@ def pair_logps(model, examples, pad_id, batch_size, device, precision, chunk_siz
 
 
 def attach(examples, chosen, rejected):
+    if hasattr(examples, "set_reference_logps"):  # a PairTable builds its pairs on demand: it keeps them
+        examples.set_reference_logps(chosen.tolist(), rejected.tolist())
+        return
     for p, c, r in zip(examples, chosen.tolist(), rejected.tolist()):
         p.reference_logps = (c, r)
 
