@@ -15,6 +15,8 @@ string); tests/test_arrow_data.py checks the whole result against tokenize_pair 
 bundled data and on boundary cases (merges across the boundary, templates, BOS/EOS, implicit prompts).
 """
 
+from types import SimpleNamespace
+
 from dpokit.data.tokenize import (
     COMPLETION_FIELDS,
     PAIR_FIELDS,
@@ -61,14 +63,16 @@ def pair_texts(tok, example: dict, label="", row=0, fields=PAIR_FIELDS) -> tuple
     return prompt_text, responses[0], responses[1], False
 
 
-def split_encoded(tok, prompt_ids: list, full_ids: list, response: str, special: bool) -> list:
-    """tokenize.split_at_boundary on ids already encoded (both with _one_bos applied): the response's ids."""
+def split_encoded(tok, prompt_ids: list, full_ids: list, response: str, special: bool, ids=None) -> list:
+    """tokenize.split_at_boundary on ids already encoded (both with _one_bos applied): the response's ids.
+    `ids`: special_ids(tok), when the caller has it."""
+    ids = ids or special_ids(tok)
     if (
         special
-        and tok.eos_token_id is not None
+        and ids.eos_token_id is not None
         and full_ids
-        and full_ids[-1] == tok.eos_token_id
-        and not response.endswith(tok.eos_token or "\0")
+        and full_ids[-1] == ids.eos_token_id
+        and not response.endswith(ids.eos_token or "\0")
     ):
         full_ids = full_ids[:-1]  # tokenizers that append EOS themselves: we add our own below
     if full_ids[: len(prompt_ids)] == prompt_ids:
@@ -76,12 +80,79 @@ def split_encoded(tok, prompt_ids: list, full_ids: list, response: str, special:
     return continuation_ids(tok, response)  # a merge crossed the boundary
 
 
-def _encode_many(tok, texts: list, special: bool) -> list:
-    return [_one_bos(tok, list(ids)) for ids in tok(texts, add_special_tokens=special)["input_ids"]]
+def _encode_many(tok, texts: list, special: bool, ids=None) -> list:
+    if not texts:
+        return []
+    ids = ids or special_ids(tok)
+    return [_one_bos(ids, list(x)) for x in tok(texts, add_special_tokens=special)["input_ids"]]
+
+
+def split_tokens(tok) -> list:
+    """(text, id) of the added tokens the tokenizer splits off the raw text before normalizing and
+    pre-tokenizing it (a chat template's <|im_start|>, ...); BOS left out (see _one_bos)."""
+    added = getattr(tok, "added_tokens_decoder", {}) or {}
+    return [(t.content, i) for i, t in added.items() if t.content and not t.normalized and i != tok.bos_token_id]
+
+
+def _last_split(text: str, tokens: list) -> tuple:
+    """(position, text, id) of the added token that starts last in `text` (the longest on a tie), or (-1, ..)."""
+    best = (-1, "", None)
+    for content, i in tokens:
+        p = text.rfind(content)
+        if p > best[0] or (p == best[0] >= 0 and len(content) > len(best[1])):
+            best = (p, content, i)
+    return best
+
+
+# Rows checked against the full encode in every batch that uses the tail encode (see _tail_ids)
+VERIFY_ROWS = 4
+
+
+def _tail_ids(tok, texts: list, idx: list, prompts: list, tokens: list) -> dict:
+    """{i: (full_chosen_ids, full_rejected_ids)} for chat rows, from the prompt's own ids and an encode of
+    only the prompt's tail: the tokenizer splits added tokens off the raw text first and tokenizes the
+    pieces between them on their own, so tok(prompt + response) is the prompt's ids up to its last added
+    token followed by tok(that token + the rest of the prompt + response). That token starts the piece, so
+    the rest never sits at the start of the text (where a Metaspace 'first' scheme adds its marker). The
+    prompt's own tail is re-encoded and compared with its ids, and the first VERIFY_ROWS rows are encoded
+    in full as well: any disagreement and this batch is encoded in full (never a different id)."""
+    plan = {}
+    for k, i in enumerate(idx):
+        prompt, prompt_ids = texts[i][0], prompts[k]
+        pos, content, tid = _last_split(prompt, tokens)
+        if pos < 0 or prompt_ids.count(tid) != prompt.count(content) or tid not in prompt_ids:
+            continue
+        cut = len(prompt_ids) - 1 - prompt_ids[::-1].index(tid)
+        plan[i] = (k, cut, prompt[pos:])
+    if not plan:
+        return {}
+    rows = list(plan)
+    pieces = [plan[i][2] + x for i in rows for x in ("", texts[i][1], texts[i][2])]
+    encoded = [list(ids) for ids in tok(pieces, add_special_tokens=False)["input_ids"]]  # (no BOS to cut)
+    out = {}
+    for n, i in enumerate(rows):
+        k, cut, _ = plan[i]
+        tail, chosen, rejected = encoded[3 * n : 3 * n + 3]
+        head = prompts[k][:cut]
+        if head + tail == prompts[k]:
+            out[i] = (head + chosen, head + rejected)
+    check = list(out)[:VERIFY_ROWS]
+    if check:
+        full = _encode_many(tok, [texts[i][0] + texts[i][j] for i in check for j in (1, 2)], False)
+        if any(out[i] != (full[2 * n], full[2 * n + 1]) for n, i in enumerate(check)):
+            return {}
+    return out
+
+
+def special_ids(tok) -> SimpleNamespace:
+    """The token attributes the per-row rules read (bos/eos ids, eos text), read once: a transformers
+    tokenizer's attribute lookup costs ~0.1 ms, as much as templating a row."""
+    return SimpleNamespace(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, eos_token=tok.eos_token)
 
 
 def tokenize_rows(tok, rows, label, completions: bool = False) -> list:
     """[(row, example)] -> [TokenizedPair] untruncated, as tokenize_pair gives them one by one."""
+    ids = special_ids(tok)
     fields = COMPLETION_FIELDS if completions else PAIR_FIELDS
     texts = []
     for row, example in rows:
@@ -93,17 +164,21 @@ def tokenize_rows(tok, rows, label, completions: bool = False) -> list:
         idx = [i for i, t in enumerate(texts) if t[3] == special]
         if not idx:
             continue
-        prompts = _encode_many(tok, [texts[i][0] for i in idx], special)
-        chosen = _encode_many(tok, [texts[i][0] + texts[i][1] for i in idx], special)
-        rejected = _encode_many(tok, [texts[i][0] + texts[i][2] for i in idx], special)
+        prompts = _encode_many(tok, [texts[i][0] for i in idx], special, ids)
+        # chats (no special tokens added): encode only the prompt's tail with each response
+        tails = {} if special else _tail_ids(tok, texts, idx, prompts, split_tokens(tok))
+        rest = [i for i in idx if i not in tails]
+        chosen = dict(zip(rest, _encode_many(tok, [texts[i][0] + texts[i][1] for i in rest], special, ids)))
+        rejected = dict(zip(rest, _encode_many(tok, [texts[i][0] + texts[i][2] for i in rest], special, ids)))
         for k, i in enumerate(idx):
             prompt, c_text, r_text, _ = texts[i]
             prompt_ids = prompts[k]
-            c = split_encoded(tok, prompt_ids, chosen[k], c_text, special)
-            r = split_encoded(tok, prompt_ids, rejected[k], r_text, special)
-            if not prompt_ids and tok.bos_token_id is not None:
-                prompt_ids = [tok.bos_token_id]  # the first response token needs something to be predicted from
-            out[i] = TokenizedPair(prompt_ids, end_with_one_eos(tok, c), end_with_one_eos(tok, r), rows[i][0])
+            full_c, full_r = tails[i] if i in tails else (chosen[i], rejected[i])
+            c = split_encoded(tok, prompt_ids, full_c, c_text, special, ids)
+            r = split_encoded(tok, prompt_ids, full_r, r_text, special, ids)
+            if not prompt_ids and ids.bos_token_id is not None:
+                prompt_ids = [ids.bos_token_id]  # the first response token needs something to be predicted from
+            out[i] = TokenizedPair(prompt_ids, end_with_one_eos(ids, c), end_with_one_eos(ids, r), rows[i][0])
     return out
 
 
