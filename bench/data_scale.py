@@ -275,7 +275,8 @@ def report(results: dict) -> str:
         "max_length 1024, max_prompt_length 512",
         "",
         "| pairs | tokens / pair | prepare first s | prepare cached s | prep peak MiB (above start) "
-        "| train 2 steps peak MiB | growth vs smallest MiB | TRL prepare s | TRL cached s | TRL peak MiB (above start) |",
+        "| train 2 steps peak MiB | growth vs smallest MiB | TRL prepare s | TRL cached s "
+        "| TRL peak MiB (above start) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     sizes = sorted(int(n) for n in results["sizes"])
