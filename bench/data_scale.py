@@ -171,7 +171,7 @@ def child_train(args) -> dict:
             dataset=args.file,
             output_dir=str(out),
             max_steps=2,
-            max_tokens_per_batch=4096,
+            max_tokens_per_batch=2048,
             logging_steps=1,
             progress_bar=False,
             precision="fp32",

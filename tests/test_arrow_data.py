@@ -180,3 +180,50 @@ def test_pair_table_reads_like_a_list(smol_tokenizer, tmp_path):
     with pytest.raises(IndexError):
         table[7]
     assert json.loads((next(iter((tmp_path / "cache" / "tokenized").iterdir())) / "meta.json").read_text())["kept"] == 7
+
+
+def _rank(rank, world, port, tokenizer_dir, good, bad, cache, out):
+    """One torchrun-like rank (gloo): prepare `good` through prepare_once, then `bad`."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DPOKIT_CACHE=cache)
+    import torch.distributed as dist
+
+    from dpokit.models import load_tokenizer
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    tok = load_tokenizer(tokenizer_dir)
+    reads = []
+    real = arrow.load_pairs
+    arrow.load_pairs = lambda *a: reads.append(1) or real(*a)
+    table, *_ = arrow.prepare_once(lambda: arrow.tokenize_to_table(tok, good))
+    try:
+        arrow.prepare_once(lambda: arrow.tokenize_to_table(tok, bad))
+        error = None
+    except UserError as e:
+        error = str(e)
+    result = {"reads": len(reads), "pairs": as_tuples(table), "error": error}
+    (out / f"{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank0_prepares_and_the_others_read_its_cache(tiny_model_dir, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    good = write_jsonl(tmp_path / "good.jsonl", conversational_rows(12))
+    rows = conversational_rows(4)
+    rows[2]["chosen"] = "not a list"
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (2, port, str(tiny_model_dir), str(good), str(bad), str(tmp_path / "shared"), tmp_path)
+    mp.spawn(_rank, args=args, nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0["pairs"] == r1["pairs"] and len(r0["pairs"]) == 12
+    assert r0["reads"] == 2 and r1["reads"] == 0  # rank 1 read no rows: the cache (and no bad-file work)
+    assert "bad.jsonl: row 3: field 'chosen'" in r0["error"]
+    assert r1["error"] == "rank 0 could not prepare the data (its error is above)"

@@ -2,15 +2,17 @@
 
 tokenize_pair makes four tokenizer calls per pair (the prompt twice, prompt + chosen, prompt + rejected)
 and renders the prompt's chat template twice. Here every row's texts are rendered first (the prompt
-once), then each kind of text is tokenized in one batch call of the fast tokenizer (its Rust side does
-the batch in parallel), and the per-row boundary logic of tokenize.py runs on the results:
+once), then tokenized in batch calls of the fast tokenizer (its Rust side runs a batch in parallel),
+and the per-row boundary logic of tokenize.py runs on the results:
 
-    rows -> pair_texts (template, implicit prompt)  -> three batch encodes: prompts, prompt + chosen,
-            prompt + rejected                        -> split_encoded per response (tokenize.py's rule:
-            keep the tail when the prompt's ids are a prefix, else tokenize the response as a
-            continuation) -> end_with_one_eos, the BOS rule -> drop / truncate (tokenize_dataset's rule)
+    rows -> pair_texts (template, implicit prompt) -> batch encodes: the prompts; for chats, the prompt's
+            tail (from its last added token, e.g. <|im_start|>assistant) + each response (_tail_ids),
+            else prompt + each response -> split_encoded per response (tokenize.py's rule: keep the tail
+            when the prompt's ids are a prefix, else tokenize the response as a continuation)
+         -> end_with_one_eos, the BOS rule -> drop / truncate (tokenize_dataset's rule, keep_or_drop)
 
-A batch encode gives the same ids as one call per text (the tokenizer is the same function of each
+A chat prompt is thus tokenized once per pair, and the tokens encoded per pair fall from 3P + C + R to
+about P + C + R. A batch encode gives the same ids as one call per text (the same function of each
 string); tests/test_arrow_data.py checks the whole result against tokenize_pair + truncate on the
 bundled data and on boundary cases (merges across the boundary, templates, BOS/EOS, implicit prompts).
 """
