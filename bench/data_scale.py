@@ -194,7 +194,9 @@ def child_trl(args) -> dict:
     class Stub:  # _prepare_dataset reads only the tokenizer from the trainer
         _tokenizer = tok
 
-    targs = TRLConfig(output_dir=str(Path(args.work) / "trl_out"), max_length=1024, report_to="none")
+    targs = TRLConfig(
+        output_dir=str(Path(args.work) / "trl_out"), max_length=1024, report_to="none", use_cpu=True, bf16=False
+    )
     before = status_mib("VmRSS")
     reset_peak()
     t0 = time.perf_counter()

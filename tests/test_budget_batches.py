@@ -130,3 +130,21 @@ def test_budget_training_equals_the_same_pairs_batched_by_hand(
     for a, b in zip(train_rows(tmp_path / "budget"), train_rows(tmp_path / "hand"), strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_sigkill_then_resume_is_bitwise_identical_with_budget_batches(tiny_model_dir, pref_dir, tmp_path):
+    """Killed mid-epoch after the step-3 checkpoint, resumed: the same weights, byte for byte, and metrics."""
+    import signal
+
+    from test_resume import common, metrics, run
+
+    def args(out):
+        return common(tiny_model_dir, pref_dir, out) + ["max_steps=6", "max_tokens_per_batch=150"]
+
+    base, out = tmp_path / "base", tmp_path / "run"
+    assert run(args(base)).returncode == 0
+    assert run(args(out), {"DPOKIT_KILL_AT": "step:5"}).returncode == -signal.SIGKILL
+    r = run(args(out) + ["resume=auto"])
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
+    assert (out / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
+    assert metrics(out) == metrics(base)

@@ -232,8 +232,14 @@ def tokenize_to_table(
         return PairTable(ds), meta["label"], meta["format"], stats
 
     rows, label, fmt = load_pairs(source, split)  # every error about the data is raised here
-    rows_ds = Dataset.from_dict({"row": [r for r, _ in rows], "example": [pickle.dumps(ex, 5) for _, ex in rows]})
+    numbers, pickled = [], []
+    for i, (row, example) in enumerate(rows):  # each row's objects freed once pickled: one copy at a time
+        numbers.append(row)
+        pickled.append(pickle.dumps(example, 5))
+        rows[i] = None
     del rows
+    rows_ds = Dataset.from_dict({"row": numbers, "example": pickled})
+    del numbers, pickled
     features = Features(
         {"row": Value("int64"), **{c: Sequence(Value("int32")) for c in ID_COLUMNS}, "dropped": Value("string")}
     )
