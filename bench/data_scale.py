@@ -381,6 +381,9 @@ def main(argv=None):
     ap.add_argument("--work", default="/tmp/dpokit_data_scale", help="data files, caches, the tiny model")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--force", action="store_true", help="measure sizes that already have results again")
+    ap.add_argument(
+        "--only", default=None, help="only these measurements, comma-separated: prepare,cached,train,trl,trl_cached"
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--file", default=None, help=argparse.SUPPRESS)
@@ -428,6 +431,8 @@ def main(argv=None):
         steps = [("prepare", "prepare"), ("cached", "prepare"), ("train", "train")]
         steps += [("trl", "trl"), ("trl_cached", "trl")] if have_trl else []
         for key, kind in steps:
+            if args.only and key not in args.only.split(","):
+                continue
             if key in r and "error" not in r[key] and not args.force:
                 continue
             if key == "prepare":  # a first run: nothing of this size cached (the model's files stay)

@@ -92,6 +92,11 @@ def test_boundary_cases_embedded_tokenizer(smol_tokenizer, tmp_path):
     assert_same(smol_tokenizer, str(write_jsonl(tmp_path / "ic.jsonl", implicit)), 30, 8, "keep_start")
 
 
+def test_without_the_cache(smol_tokenizer, cache):
+    assert_same(smol_tokenizer, str(BUNDLED), 40, 12, "keep_start", use_cache=False)
+    assert not cache.exists() or not list(cache.iterdir())
+
+
 def test_in_memory_sources(smol_tokenizer):
     import datasets
 

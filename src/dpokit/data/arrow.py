@@ -20,6 +20,7 @@ Training holds no Python list of ids: a PairTable reads pair i from the mapped f
 needs it is built, so resident memory does not grow with the dataset (the page cache holds what is read).
 """
 
+import atexit
 import hashlib
 import json
 import os
@@ -190,6 +191,26 @@ def _stats(ds) -> TokenizeStats:
     return stats
 
 
+def _rows_table(rows: list, path: Path, n: int):
+    """The checked rows as a memory-mapped Dataset of (row, pickled fields), written in record batches
+    (the Arrow stream format `datasets` maps): no second in-memory copy of the data, and map's workers
+    read their shards from the file instead of receiving them pickled. Each row's objects are freed
+    once written."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    schema = pa.schema([("row", pa.int64()), ("example", pa.large_binary())])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for start in range(0, n, MAP_BATCH):
+            chunk = range(start, min(start + MAP_BATCH, n))
+            numbers = pa.array([rows[i][0] for i in chunk], pa.int64())
+            pickled = pa.array([pickle.dumps(rows[i][1], 5) for i in chunk], pa.large_binary())
+            writer.write_batch(pa.record_batch([numbers, pickled], schema=schema))
+            for i in chunk:
+                rows[i] = None
+    return Dataset.from_file(str(path))
+
+
 def _num_proc(num_proc, n_rows: int) -> int:
     if num_proc is not None:
         return max(1, min(num_proc, n_rows))
@@ -216,7 +237,7 @@ def tokenize_to_table(
 ):
     """(PairTable, label, format, TokenizeStats) of the preference pairs of `source`'s split: the ids of
     tokenize_dataset(tok, load_pairs(source, split)...), from the cache when this input was seen before."""
-    from datasets import Dataset, Features, Sequence, Value, disable_progress_bars
+    from datasets import Features, Sequence, Value, disable_progress_bars
 
     disable_progress_bars()  # (dpokit logs a summary line instead)
     key = None
@@ -232,46 +253,43 @@ def tokenize_to_table(
         return PairTable(ds), meta["label"], meta["format"], stats
 
     rows, label, fmt = load_pairs(source, split)  # every error about the data is raised here
-    numbers, pickled = [], []
-    for i, (row, example) in enumerate(rows):  # each row's objects freed once pickled: one copy at a time
-        numbers.append(row)
-        pickled.append(pickle.dumps(example, 5))
-        rows[i] = None
-    del rows
-    rows_ds = Dataset.from_dict({"row": numbers, "example": pickled})
-    del numbers, pickled
-    features = Features(
-        {"row": Value("int64"), **{c: Sequence(Value("int32")) for c in ID_COLUMNS}, "dropped": Value("string")}
-    )
-    kwargs = dict(
-        batched=True,
-        batch_size=MAP_BATCH,
-        fn_kwargs=dict(
-            tok=tok,
-            label=label,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            truncation_mode=truncation_mode,
-            completions=False,
-        ),
-        remove_columns=["example"],
-        features=features,
-        num_proc=_num_proc(num_proc, len(rows_ds)),
-    )
-    if final is None:
-        ds = rows_ds.map(_tokenize_batch, keep_in_memory=True, **kwargs)
-    else:
+    if final is not None:
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))  # same filesystem: rename is atomic
-        try:
-            ds = rows_ds.map(_tokenize_batch, cache_file_name=str(work / "tokens.arrow"), **kwargs)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+    else:  # not cached: the table still lives on disk (mapped) for this process only
+        work = Path(tempfile.mkdtemp(prefix="dpokit-tokens-"))
+        atexit.register(shutil.rmtree, work, True)
+    try:
+        rows_ds = _rows_table(rows, work / "rows.arrow", len(rows))
+        del rows
+        features = Features(
+            {"row": Value("int64"), **{c: Sequence(Value("int32")) for c in ID_COLUMNS}, "dropped": Value("string")}
+        )
+        ds = rows_ds.map(
+            _tokenize_batch,
+            batched=True,
+            batch_size=MAP_BATCH,
+            fn_kwargs=dict(
+                tok=tok,
+                label=label,
+                max_length=max_length,
+                max_prompt_length=max_prompt_length,
+                truncation_mode=truncation_mode,
+                completions=False,
+            ),
+            remove_columns=["example"],
+            features=features,
+            num_proc=_num_proc(num_proc, len(rows_ds)),
+            cache_file_name=str(work / "tokens.arrow"),
+        )
+        del rows_ds
+        (work / "rows.arrow").unlink()
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     stats = _stats(ds)
     if stats.kept == 0:
-        if final is not None:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise UserError(f"{label}: no usable pairs ({stats.summary()})")
     if final is not None:
         for extra in work.glob("cache-*"):  # (datasets' own leftovers, if any)
