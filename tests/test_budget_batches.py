@@ -148,3 +148,39 @@ def test_sigkill_then_resume_is_bitwise_identical_with_budget_batches(tiny_model
     assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
     assert (out / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
     assert metrics(out) == metrics(base)
+
+
+def test_two_ranks_with_budget_batches_equal_one_process_on_the_same_pairs(
+    tiny_model_dir, pref_dir, tmp_path, monkeypatch
+):
+    """torchrun, 2 ranks, uneven budget micro-batches (rank r takes runs r, r+2, ...): every pair weighs the
+    same across ranks, so the steps equal one process fed, per step, the union of both ranks' batches."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    keys = dict(max_steps=2, precision="fp32", learning_rate=1e-3, max_eval_examples=2, seed=5)
+    cli = [f"{k}={v}" for k, v in keys.items()] + [f"model={tiny_model_dir}", f"dataset={pref_dir}"]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dpokit.cli", "dpo", *cli]
+        + [f"output_dir={tmp_path / 'ddp'}", "max_tokens_per_batch=260", "logging_steps=1", "progress_bar=false"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    taken = {}
+    real_stream = order.stream
+
+    def union(cfg, examples, ranks, start=0):
+        per_rank = [real_stream(cfg, examples, Ranks(rank=k, world=2), start) for k in (0, 1)]
+        batches = [next(per_rank[0]) + next(per_rank[1]) for _ in range(keys["max_steps"])]
+        taken["sizes"] = [len(b) for b in batches]
+        return iter(batches)
+
+    monkeypatch.setattr(order, "stream", union)
+    conftest.run_dpo(tiny_model_dir, pref_dir, tmp_path / "one", max_tokens_per_batch=260, **keys)
+    ddp, one = train_rows(tmp_path / "ddp"), train_rows(tmp_path / "one")
+    assert len(ddp) == len(one) == 2
+    for a, b in zip(ddp, one):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
