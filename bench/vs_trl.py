@@ -122,10 +122,13 @@ ARCHS = {
     ),
 }
 
-# The configurations of the main table: (framework, name, options).
+# The configurations of the main table: (framework, name, options). The headline is "dpokit defaults"
+# (no layout key given: what `dpokit dpo` runs) against "TRL" (DPOTrainer's defaults).
+HEADLINE = ("dpokit defaults", "TRL")
 CONFIGS = [
     ("trl", "TRL", {}),
     ("trl", "TRL precomputed ref", {"precompute": True}),
+    ("dpokit", "dpokit defaults", {"layout": "defaults"}),
     ("dpokit", "dpokit padded", {"layout": "padded"}),
     ("dpokit", "dpokit fast", {"layout": "fast"}),
     ("dpokit", "dpokit fast, precomputed ref", {"layout": "fast", "precompute": True}),
@@ -341,13 +344,18 @@ class StepClock:
 def run_dpokit(job: dict, pairs: list, work: Path) -> dict:
     """dpokit's own loop (loop.train) with DPOStep, wired as dpokit.dpo (commands/dpo.py) wires it."""
     from dpokit import models
-    from dpokit.commands.dpo import DPOConfig
+    from dpokit.commands.dpo import DPOConfig, resolve_layout
     from dpokit.data.layouts import collate_for, layout_name
     from dpokit.data.tokenize import TokenizedPair
     from dpokit.train import dpo_step, loop, refcache
     from dpokit.train.runtime import setup_distributed
 
     fast = job["layout"] == "fast"
+    layout_keys = dict(
+        padding_free=fast and job["fast_layout"] in ("packed", "prefix_shared_packed"),
+        prefix_sharing=fast and job["fast_layout"].startswith("prefix_shared"),
+        logprob_chunk_size=job["chunk_size"] if fast else None,
+    )
     cfg = DPOConfig(
         model=job["model_dir"],
         dataset="synthetic",
@@ -363,17 +371,16 @@ def run_dpokit(job: dict, pairs: list, work: Path) -> dict:
         precision=job["precision"],
         beta=job["beta"],
         seed=job["seed"],
-        padding_free=fast and job["fast_layout"] in ("packed", "prefix_shared_packed"),
-        prefix_sharing=fast and job["fast_layout"].startswith("prefix_shared"),
-        logprob_chunk_size=job["chunk_size"] if fast else None,
         gradient_checkpointing=job["gc"],
         precompute_ref_log_probs=job.get("precompute", False),
         progress_bar=False,
+        **({} if job["layout"] == "defaults" else layout_keys),  # defaults: none given, as a user would
     )
     examples = [TokenizedPair(list(p), list(c), list(r), row=i) for i, (p, c, r) in enumerate(pairs)]
     ranks = setup_distributed()
     tokenizer = models.load_tokenizer(cfg.model)
     policy = models.load_model(cfg.model)
+    cfg = resolve_layout(cfg, policy)  # as dpokit.dpo does: logprob_chunk_size 0 -> sized from the vocabulary
     models.disable_dropout(policy)
     reference = copy.deepcopy(policy).to(ranks.device)
     t0 = time.perf_counter()
@@ -764,6 +771,12 @@ def parse_args(argv=None):
     )
     ap.add_argument("--gc", default="off,on", help="gradient checkpointing settings of the main table")
     ap.add_argument(
+        "--configs",
+        default=None,
+        help="only these configurations of the main table, by name, comma-separated (e.g. 'TRL,dpokit defaults': "
+        "the headline alone)",
+    )
+    ap.add_argument(
         "--seq-lens",
         default=None,
         help="scaling sweep over sequence length at batch 1 (CPU) / --batch "
@@ -898,6 +911,7 @@ def main(argv=None):
             }
             for gc in [s.strip() == "on" for s in args.gc.split(",") if s.strip()]
             for framework, name, opts in CONFIGS
+            if args.configs is None or name in [c.strip() for c in args.configs.split(",")]
         ]
         runs = [[] for _ in jobs]
         for r in range(args.repeats):
@@ -966,6 +980,16 @@ def report(results, args, scale, batch) -> str:
             )
         )
     if results["main"]:
+        rows = {r["name"]: r for r in results["main"] if not r["gc"] and "error" not in r}
+        ours, theirs = (rows.get(name) for name in HEADLINE)
+        if ours and theirs:
+            lines += [
+                "",
+                f"**Headline: dpokit with its defaults ({ours['layout']}) trains at "
+                f"{ratio(ours, theirs, 'tokens_per_s'):.2f}x the tokens per second of TRL's DPOTrainer with its "
+                f"defaults ({ratio(ours, theirs, 'tokens_per_cpu_s'):.2f}x in CPU time), at "
+                f"{ratio(ours, theirs, 'peak_memory_mib'):.2f}x its peak memory.**",
+            ]
         lines += ["", main_table(results["main"])]
     if results["scaling"]:
         lines += [

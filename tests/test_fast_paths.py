@@ -8,11 +8,13 @@ import shutil
 import conftest
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpokit import models
 from dpokit.commands import dpo
 from dpokit.commands.dpo import DPOConfig
+from dpokit.logprobs import auto_chunk_size
 
 
 def run_dpo(tiny_model_dir, pref_dir, out, **kw):
@@ -34,8 +36,66 @@ def padded_run(tiny_model_dir, tmp_path_factory):
     write_jsonl(d / "train.jsonl", conversational_rows(16))
     write_jsonl(d / "test.jsonl", conversational_rows(8))
     out = tmp_path_factory.mktemp("padded") / "run"
-    run_dpo(tiny_model_dir, d, out)
+    run_dpo(tiny_model_dir, d, out, **PADDED)
     return d, out
+
+
+# every layout switch off: the padded layout with full logits, the baseline the fast paths must equal
+PADDED = {"padding_free": False, "prefix_sharing": False, "logprob_chunk_size": None}
+
+
+def test_defaults_are_the_fast_layout(padded_run, tiny_model_dir, tmp_path, monkeypatch):
+    """`dpokit dpo` with no layout key: prefix-shared packed batches, chunked log-probs sized from the
+    vocabulary (recorded resolved in config.yaml)."""
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    data, _ = padded_run
+    layouts, chunks = [], []
+    real_collate, real_logps = dpo.collate_with_reference, dpo.DPOStep.sequence_logps
+
+    def collate(pairs, collate):
+        batch = real_collate(pairs, collate)
+        layouts.append(batch["layout"])
+        return batch
+
+    def logps(self, tokens, B):
+        chunks.append(self.chunk_size)
+        return real_logps(self, tokens, B)
+
+    monkeypatch.setattr(dpo, "collate_with_reference", collate)
+    monkeypatch.setattr(dpo.DPOStep, "sequence_logps", logps)
+    run_dpo(tiny_model_dir, data, tmp_path / "o")
+    assert layouts and set(layouts) == {"prefix_shared_packed"}
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size  # 49,152: 2^26 / V = 1365 -> 1024
+    assert chunks and set(chunks) == {1024} == {auto_chunk_size(vocab)}
+    assert yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())["logprob_chunk_size"] == 1024
+
+
+def test_auto_chunk_size_from_the_vocabulary():
+    # the largest power of two with chunk * V <= 2^26, within [128, 4096]
+    assert [auto_chunk_size(v) for v in (32_000, 49_152, 128_256, 256_000, 1_000, 10**7)] == [
+        2048,
+        1024,
+        512,
+        256,
+        4096,
+        128,
+    ]
+    for v in (32_000, 49_152, 128_256, 151_936):
+        assert auto_chunk_size(v) * v <= 2**26 < 2 * auto_chunk_size(v) * v
+
+
+def test_automatic_chunking_turns_itself_off_where_it_cannot_apply(tiny_model_dir):
+    from dpokit.commands.dpo import DPOConfig, resolve_layout
+    from dpokit.models import load_model
+
+    model = load_model(str(tiny_model_dir))
+    auto = DPOConfig(dataset="x")
+    assert resolve_layout(auto, model).logprob_chunk_size == 1024
+    assert resolve_layout(DPOConfig(dataset="x", use_weighting=True), model).logprob_chunk_size is None
+    lora_head = DPOConfig(dataset="x", use_lora=True, lora_target_modules=["q_proj", "lm_head"])
+    assert resolve_layout(lora_head, model).logprob_chunk_size is None
+    assert resolve_layout(DPOConfig(dataset="x", logprob_chunk_size=None), model).logprob_chunk_size is None
+    assert resolve_layout(DPOConfig(dataset="x", logprob_chunk_size=7), model).logprob_chunk_size == 7
 
 
 @pytest.mark.parametrize(
@@ -48,13 +108,14 @@ def padded_run(tiny_model_dir, tmp_path_factory):
         {"padding_free": True, "logprob_chunk_size": 5},
         {"gradient_checkpointing": True},
         {"precompute_ref_log_probs": True},
+        {},  # the defaults: the fast layout with an automatic chunk size
     ],
-    ids=lambda s: "+".join(s),
+    ids=lambda s: "+".join(s) or "defaults",
 )
 def test_fast_path_matches_padded_run(padded_run, tiny_model_dir, tmp_path, switches, monkeypatch):
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
     data, padded = padded_run
-    run_dpo(tiny_model_dir, data, tmp_path / "o", **switches)
+    run_dpo(tiny_model_dir, data, tmp_path / "o", **(switches and {**PADDED, **switches}))
     for a, b in zip(train_rows(tmp_path / "o"), train_rows(padded)):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -62,6 +62,14 @@ class TrainConfig:
         512, "maximum prompt tokens; longer prompts are cut per truncation_mode"
     )
     truncation_mode: str = opt("keep_end", "which part of a too-long prompt to keep", ["keep_end", "keep_start"])
+    dataset_num_proc: typing.Optional[int] = opt(
+        None, "processes that tokenize the data (default: the CPU cores, one per 2,000 rows at most)"
+    )
+    cache_tokenized: bool = opt(
+        True,
+        "keep tokenized pairs in $DPOKIT_CACHE/tokenized under a fingerprint of data, tokenizer and length "
+        "settings; a later run on the same inputs skips tokenization",
+    )
     # --- optimisation
     learning_rate: float = opt(1e-6, "peak learning rate")
     optimizer: str = opt("adamw", "optimizer (the DPO paper used RMSprop)", ["adamw", "rmsprop"])
@@ -96,7 +104,8 @@ class TrainConfig:
     logprob_chunk_size: typing.Optional[int] = opt(
         None,
         "compute response-token log-probs in chunks of this many "
-        "tokens (the full tokens x vocabulary logits never exist)",
+        "tokens (the full tokens x vocabulary logits never exist); 0: picked from the vocabulary size; "
+        "null: off",
     )
     gradient_checkpointing: bool = opt(
         False,
@@ -355,12 +364,16 @@ def validate(cfg):
         "max_new_tokens",
         "max_nonfinite_steps",
         "save_total_limit",
-        "logprob_chunk_size",
         "lora_r",
+        "dataset_num_proc",
     ]
     for name in positive:
         if getattr(cfg, name, None) is not None and getattr(cfg, name) < 1:
             raise UserError(f"key '{name}': must be at least 1, got {getattr(cfg, name)}")
+    if getattr(cfg, "logprob_chunk_size", None) is not None and cfg.logprob_chunk_size < 0:
+        raise UserError(
+            f"key 'logprob_chunk_size': must be at least 0 (0: automatic) or none, got {cfg.logprob_chunk_size}"
+        )
     for name in ["max_length", "max_prompt_length"]:
         v = getattr(cfg, name, None)
         if v is not None and v < 1:

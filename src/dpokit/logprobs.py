@@ -297,6 +297,32 @@ def fp32_output_layer(model, enabled: bool = True):
 
 # --- the chunked lm_head ---------------------------------------------------------------------------------
 
+# logprob_chunk_size = 0 means "pick it": the largest power of two whose (chunk, V) fp32 logits stay within
+# this many elements (2^26: 256 MiB per buffer; the backward holds a few). SmolLM2's 49,152-token
+# vocabulary gets 1024, the chunk vs_trl.py measured; Llama 3's 128k gets 512, Gemma's 256k gets 256.
+AUTO_CHUNK_ELEMENTS = 2**26
+AUTO_CHUNK_RANGE = (128, 4096)
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """The automatic logprob_chunk_size for a vocabulary: a power of two, chunk * V <= AUTO_CHUNK_ELEMENTS,
+    clamped to AUTO_CHUNK_RANGE (a smaller chunk only adds loop overhead, a bigger one saves nothing)."""
+    lo, hi = AUTO_CHUNK_RANGE
+    chunk = 1 << max(0, (AUTO_CHUNK_ELEMENTS // max(1, vocab_size)).bit_length() - 1)
+    return max(lo, min(hi, chunk))
+
+
+def resolve_chunk_size(model, chunk_size):
+    """A config's logprob_chunk_size for this model: None stays None (full logits), a positive size stays,
+    0 (automatic) becomes auto_chunk_size(V), or None when the model's output layer is not a plain
+    nn.Linear (a LoRA on lm_head, a custom head): automatic never turns into an error."""
+    if chunk_size != 0:
+        return chunk_size
+    head = unwrap(model).get_output_embeddings() if hasattr(unwrap(model), "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        return None
+    return auto_chunk_size(head.weight.shape[0])
+
 
 def output_head(model):
     """(weight (V, H), bias (V,) or None, scale, softcap) of a standard *ForCausalLM's output layer:

@@ -2,6 +2,7 @@
 losses.py, on preference pairs (`kto` on unpaired rows; `plackett_luce`, or any pairwise loss with
 `pairs_from_ranking`, on ranked lists), on the shared loop."""
 
+import dataclasses
 import typing
 from dataclasses import dataclass
 from functools import partial
@@ -12,6 +13,7 @@ from dpokit.config import TrainConfig, opt
 from dpokit.data.layouts import collate_for, layout_name
 from dpokit.data.rankings import collate_rankings, load_rankings, tokenize_rankings
 from dpokit.errors import UserError
+from dpokit.logprobs import resolve_chunk_size
 from dpokit.losses import LOSSES, requirements
 from dpokit.ranking_losses import PAIRS_FROM_RANKING
 from dpokit.report import log
@@ -31,6 +33,29 @@ class DPOConfig(TrainConfig):
     accepts_trl_keys = True  # TRL's DPO YAML keys are translated (config.load_config, trl_keys.py)
     output_dir: str = opt("runs/dpo", "where the trained model, config, metrics and plots are written")
     learning_rate: float = opt(1e-6, "peak learning rate (the DPO paper: 1e-6)")
+    # the fastest exact layout by default (docs/layouts.md: every layout equals the padded one to 1e-4)
+    padding_free: bool = opt(
+        True,
+        "pack the batch's sequences into one row (no padding computed), attention kept within each "
+        "sequence; false: the padded layout",
+    )
+    prefix_sharing: bool = opt(
+        True,
+        "one [prompt | chosen | rejected] sequence per pair: the prompt is computed once (needs "
+        "attn_implementation sdpa or eager); false: prompt computed with each response",
+    )
+    logprob_chunk_size: typing.Optional[int] = opt(
+        0,
+        "compute response-token log-probs in chunks of this many tokens (the full tokens x vocabulary "
+        "logits never exist); 0: picked from the vocabulary size (off for use_weighting or a head that "
+        "is not a plain nn.Linear); null: off",
+    )
+    max_tokens_per_batch: typing.Optional[int] = opt(
+        None,
+        "token-budget micro-batches instead of per_device_train_batch_size pairs: pairs of similar length "
+        "grouped so that each micro-batch holds at most this many tokens in the batch layout (padding "
+        "included); every pair still weighs the same in the loss; a pair longer than the budget is an error",
+    )
     beta: float = opt(0.1, "KL strength beta: implicit reward = beta * log(pi / pi_ref)")
     label_smoothing: float = opt(0.0, "probability that a preference label is flipped (conservative DPO); 0 = DPO")
     loss_type: typing.List[str] = opt(
@@ -93,6 +118,10 @@ class DPOConfig(TrainConfig):
         return self.loss_type == ["plackett_luce"] or self.pairs_from_ranking is not None
 
     def check(self):
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            raise UserError(f"key 'max_tokens_per_batch': must be at least 1, got {self.max_tokens_per_batch}")
+        if self.max_tokens_per_batch is not None and self.loss_type == ["kto"]:
+            raise UserError("key 'max_tokens_per_batch': for paired losses, not kto (its batches pair examples)")
         if "plackett_luce" in self.loss_type and len(self.loss_type) > 1:
             raise UserError(
                 "key 'loss_type': plackett_luce is a loss on whole rankings and cannot be combined with other "
@@ -124,7 +153,7 @@ class DPOConfig(TrainConfig):
             self.use_weighting or self.ld_alpha is not None or self.rpo_alpha is not None
         ):
             raise UserError("keys 'use_weighting', 'ld_alpha', 'rpo_alpha': for paired losses, not kto")
-        if self.use_weighting and self.logprob_chunk_size is not None:
+        if self.use_weighting and self.logprob_chunk_size:  # (0, automatic, turns itself off for WPO)
             raise UserError("key 'use_weighting': WPO's weights need full logits; set logprob_chunk_size to null")
         if self.ld_alpha is not None and (
             self.rpo_alpha is not None or not all(LOSSES.get(t) and LOSSES[t].needs_reference for t in self.loss_type)
@@ -157,6 +186,17 @@ class DPOConfig(TrainConfig):
                 "key 'ref_sync_steps': TR-DPO moves the reference, so with use_lora it needs a "
                 "separate ref_model (the default reference is the adapters' own base model)"
             )
+
+
+def resolve_layout(cfg, policy):
+    """cfg with logprob_chunk_size 0 (automatic) replaced by the size for this policy's vocabulary, or by
+    None (full logits) where chunking cannot apply: WPO's weights, a LoRA adapter on lm_head, a head
+    that is not a plain nn.Linear. Done once, before the reference cache keys on it."""
+    if cfg.logprob_chunk_size != 0:
+        return cfg
+    lora_head = cfg.use_lora and any("lm_head" in m for m in cfg.lora_target_modules)
+    chunk = None if cfg.use_weighting or lora_head else resolve_chunk_size(policy, 0)
+    return dataclasses.replace(cfg, logprob_chunk_size=chunk)
 
 
 def load_split(cfg, tokenizer, source, split) -> list:
@@ -199,6 +239,7 @@ def dpo(
     run = prep.prepare(
         cfg, load_split, model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset
     )
+    cfg = resolve_layout(cfg, run.model)
     policy, ranks, pad_id = run.model, run.ranks, run.tokenizer.pad_token_id
     unpaired = cfg.loss_type == ["kto"]
     losses = ["sigmoid"] if cfg.loss_type == ["plackett_luce"] else cfg.loss_type  # (what plackett_luce needs)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from dpokit import models
 from dpokit.config import in_memory_name
 from dpokit.config import resolve_config as resolve
-from dpokit.data.load import FILE_SUFFIXES, MissingSplit, load_pairs, named
-from dpokit.data.tokenize import tokenize_dataset
+from dpokit.data.arrow import prepare_once, tokenize_to_table
+from dpokit.data.load import FILE_SUFFIXES, MissingSplit, named
 from dpokit.errors import UserError
 from dpokit.report import log
 from dpokit.train import loop
@@ -63,10 +63,19 @@ def train_and_eval(cfg, load, train_dataset=None, eval_dataset=None) -> tuple[li
 
 
 def load_pair_split(cfg, tokenizer, source, split) -> list:
-    """Tokenized preference pairs of one split of a source (dpo, rm and eval read pairs alike)."""
-    rows, label, fmt = load_pairs(source, split)
-    examples, stats = tokenize_dataset(
-        tokenizer, rows, label, cfg.max_length, cfg.max_prompt_length, cfg.truncation_mode
+    """Tokenized preference pairs of one split of a source (dpo and rm read pairs alike): a PairTable read
+    from the memory-mapped, cached Arrow table (data/arrow.py)."""
+    examples, label, fmt, stats = prepare_once(
+        lambda: tokenize_to_table(
+            tokenizer,
+            source,
+            split,
+            cfg.max_length,
+            cfg.max_prompt_length,
+            cfg.truncation_mode,
+            num_proc=cfg.dataset_num_proc,
+            use_cache=cfg.cache_tokenized,
+        )
     )
     log.info("%s (%s): %s", label, fmt, stats.summary())
     return examples

@@ -64,7 +64,7 @@ def named(source, label: str):
 
 def _read_in_memory(source: InMemory, split: str) -> tuple[list, str]:
     data, label = source.data, source.label
-    if hasattr(data, "keys") and not isinstance(data, dict):  # a DatasetDict: one of its splits
+    if hasattr(data, "keys") and type(data) is not dict:  # a DatasetDict: one of its splits
         if split not in data:
             raise MissingSplit(f"{label}: no split '{split}' (has {', '.join(data)})")
         data, label = data[split], f"{label}[{split}]"

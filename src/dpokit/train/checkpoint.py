@@ -385,6 +385,8 @@ RESUME_FREE_KEYS = {
     "output_dir",
     "per_device_eval_batch_size",
     "max_eval_examples",
+    "dataset_num_proc",  # (how the data is tokenized, not which ids: the same either way)
+    "cache_tokenized",
 }
 
 

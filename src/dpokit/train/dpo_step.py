@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from dpokit import models
-from dpokit.logprobs import response_logps
+from dpokit.logprobs import resolve_chunk_size, response_logps
 from dpokit.losses import (
     RewardMean,
     combined_loss,
@@ -33,7 +33,8 @@ class DPOStep:
     def __init__(self, reference, cfg, lora_reference: bool = False):
         self.reference = reference  # a frozen model, or None (cached log-probs / LoRA base / none needed)
         self.lora_reference = lora_reference  # pi_ref = the policy's base model with its adapters disabled
-        self.chunk_size = cfg.logprob_chunk_size
+        # 0: automatic (sized from the policy's vocabulary at the first step; off for WPO's full logits)
+        self.chunk_size = None if cfg.use_weighting and not cfg.logprob_chunk_size else cfg.logprob_chunk_size
         self.loss_types, self.loss_weights = list(cfg.loss_type), cfg.loss_weights
         if cfg.rpo_alpha is not None:  # RPO (arXiv 2404.19733) is exactly DPO + alpha * the sft loss
             weights = [1.0] * len(self.loss_types) if self.loss_weights is None else list(self.loss_weights)
@@ -83,6 +84,8 @@ class DPOStep:
 
     def __call__(self, policy, batch):
         B = batch["num_examples"]
+        if self.chunk_size == 0:
+            self.chunk_size = resolve_chunk_size(policy, 0)
         tokens = response_logps(policy, batch, self.chunk_size, wpo=self.use_weighting)
         logps, n_tokens = self.sequence_logps(tokens, B), tokens.lengths()  # (2B,), (2B,)
         ref = self.reference_logps(policy, batch)  # (2B,) or None

@@ -26,14 +26,13 @@ import torch.distributed as dist
 from dpokit.config import save_config, to_dict
 from dpokit.errors import Interrupted, UserError
 from dpokit.report import log, read_metrics
-from dpokit.train import checkpoint, parallel
+from dpokit.train import checkpoint, order, parallel
 from dpokit.train.callbacks import CallbackList, MetricsFile, Plot, Progress, TrainState
 from dpokit.train.checkpoint import fault_point
 from dpokit.train.lock import RunLock, check_free
 from dpokit.train.metrics import MetricSums, truncate_metrics
 from dpokit.train.model_card import ModelCard
 from dpokit.train.optim import build_optimizer, lr_lambda
-from dpokit.train.order import micro_batches, micro_batches_per_epoch
 from dpokit.train.reporters import build_reporters
 from dpokit.train.runtime import Ranks, all_finite, all_reduce_sum, autocast, peak_memory_mb, set_seed, to_device
 
@@ -55,8 +54,13 @@ def forward_backward(model, step, micro_batches: list, ranks: Ranks, precision: 
     Each micro-batch's loss is sum(losses) / (examples in the whole step), so the accumulated gradient
     is that of the mean loss over the step's examples, whatever the micro-batch sizes. Under DDP only
     the last micro-batch all-reduces gradients; under fsdp every micro-batch reduce-scatters its own.
+    Both average over ranks, so the examples are counted over every rank and the loss scaled by the
+    world size: each pair weighs the same whatever its rank's share (token-budget batches give ranks
+    different numbers of pairs).
     """
     n_step = sum(b["num_examples"] for b in micro_batches)
+    if ranks.world > 1:
+        n_step = all_reduce_sum(torch.tensor([float(n_step)])).item() / ranks.world
     tokens = 0
     for i, batch in enumerate(micro_batches):
         batch = to_device(batch, ranks.device)
@@ -183,7 +187,7 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
     moving = step.moving_models() if hasattr(step, "moving_models") else {}  # (TR-DPO's reference)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, model)  # (param groups: per-module learning rates, train/optim.py)
-    per_epoch = micro_batches_per_epoch(len(train_examples), cfg.per_device_train_batch_size, ranks)
+    per_epoch = order.per_epoch(cfg, train_examples, ranks)
     total = (
         cfg.max_steps
         if cfg.max_steps > 0
@@ -305,13 +309,7 @@ def _train(cfg, model, step, train_examples, eval_examples, collate, ranks: Rank
         cbs.on_train_begin(state)
         if start_step == 0:
             run_eval(0)
-        stream = micro_batches(
-            len(train_examples),
-            cfg.per_device_train_batch_size,
-            cfg.seed,
-            ranks,
-            start=start_step * cfg.gradient_accumulation_steps,
-        )
+        stream = order.stream(cfg, train_examples, ranks, start=start_step * cfg.gradient_accumulation_steps)
         nonfinite, end = 0, total
         with StopSignal() as stop:
             for step_no in range(start_step + 1, total + 1):

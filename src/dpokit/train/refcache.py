@@ -106,6 +106,9 @@ def shared_pair_logps(model, examples, pad_id, batch_size, device, precision, ch
 
 
 def attach(examples, chosen, rejected):
+    if hasattr(examples, "set_reference_logps"):  # a PairTable builds its pairs on demand: it keeps them
+        examples.set_reference_logps(chosen.tolist(), rejected.tolist())
+        return
     for p, c, r in zip(examples, chosen.tolist(), rejected.tolist()):
         p.reference_logps = (c, r)
 

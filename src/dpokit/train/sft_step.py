@@ -5,7 +5,13 @@ import torch
 
 from dpokit.data.batch import pad_right
 from dpokit.data.layouts import CHOSEN, PROMPT, Block, assemble
-from dpokit.logprobs import chunked_token_logps, model_inputs, response_targets, token_logps_from_logits
+from dpokit.logprobs import (
+    chunked_token_logps,
+    model_inputs,
+    resolve_chunk_size,
+    response_targets,
+    token_logps_from_logits,
+)
 
 
 def collate_sft(examples: list, pad_id: int, packed: bool = False) -> dict:
@@ -41,6 +47,8 @@ class SFTStep:
 
     def __call__(self, model, batch):
         B = batch["num_examples"]
+        if self.chunk_size == 0:  # automatic: sized from this model's vocabulary, once
+            self.chunk_size = resolve_chunk_size(model, 0)
         positions, targets, sequences = response_targets(batch)  # each (M,)
         inputs = model_inputs(model, batch)
         if self.chunk_size is None:
