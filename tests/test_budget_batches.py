@@ -154,12 +154,14 @@ def test_two_ranks_with_budget_batches_equal_one_process_on_the_same_pairs(
     tiny_model_dir, pref_dir, tmp_path, monkeypatch
 ):
     """torchrun, 2 ranks, uneven budget micro-batches (rank r takes runs r, r+2, ...): every pair weighs the
-    same across ranks, so the steps equal one process fed, per step, the union of both ranks' batches."""
+    same across ranks, so the steps equal one process fed, per step, the union of both ranks' batches.
+    One held-out pair: rank 1 has none, yet DDP's forward is collective (it broadcasts buffers), so it must
+    run as many eval batches as rank 0 (counting nothing) rather than hang."""
     import subprocess
     import sys
 
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
-    keys = dict(max_steps=2, precision="fp32", learning_rate=1e-3, max_eval_examples=2, seed=5)
+    keys = dict(max_steps=2, precision="fp32", learning_rate=1e-3, max_eval_examples=1, seed=5)
     cli = [f"{k}={v}" for k, v in keys.items()] + [f"model={tiny_model_dir}", f"dataset={pref_dir}"]
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dpokit.cli", "dpo", *cli]
@@ -184,3 +186,8 @@ def test_two_ranks_with_budget_batches_equal_one_process_on_the_same_pairs(
     for a, b in zip(ddp, one):
         for key in ("loss", "rewards/margins", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    evals = [
+        [json.loads(x)["eval/loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x]
+        for out in (tmp_path / "ddp", tmp_path / "one")
+    ]
+    assert evals[0] and evals[0] == pytest.approx(evals[1], rel=1e-4)

@@ -271,6 +271,7 @@ def test_config_refusals():
         (dict(loss_type=["plackett_luce"], label_smoothing=0.1), "label_smoothing"),
         (dict(loss_type=["sigmoid"], pairs_from_ranking="all_pairs", use_weighting=True), "use_weighting"),
         (dict(loss_type=["kto"], pairs_from_ranking="all_pairs"), "loss_type"),
+        (dict(loss_type=["plackett_luce"], max_tokens_per_batch=512), "max_tokens_per_batch"),
     ]:
         with pytest.raises(UserError, match=message):
             DPOConfig(dataset="x", **keys).check()

@@ -135,6 +135,7 @@ class DPOConfig(TrainConfig):
                 ("use_weighting", self.use_weighting),
                 ("ld_alpha", self.ld_alpha is not None),
                 ("precompute_ref_log_probs", self.precompute_ref_log_probs),
+                ("max_tokens_per_batch", self.max_tokens_per_batch is not None),  # (budgets count pair layouts)
                 ("label_smoothing", self.label_smoothing and self.loss_type == ["plackett_luce"]),
                 ("rpo_alpha", self.rpo_alpha is not None and self.loss_type == ["plackett_luce"]),
                 ("loss_type", self.loss_type == ["kto"]),

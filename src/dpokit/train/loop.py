@@ -81,9 +81,10 @@ def evaluate(model, step, collate, examples, cfg, ranks: Ranks) -> dict:
     sums = MetricSums()
     mine = list(range(len(examples)))[ranks.rank :: ranks.world]
     bs = cfg.per_device_eval_batch_size
-    # a sharded model's forward is collective: every rank runs as many batches as rank 0 (which has
-    # the most), a rank that has run out repeating one example and counting nothing of it
-    n_batches = math.ceil(math.ceil(len(examples) / ranks.world) / bs) if parallel.is_sharded(model) else 0
+    # a sharded model's forward is collective, and so is DDP's (it broadcasts buffers, e.g. the rotary
+    # inv_freq): every rank runs as many batches as rank 0 (which has the most), a rank that has run out
+    # repeating one example and counting nothing of it (an uneven split would otherwise hang)
+    n_batches = math.ceil(math.ceil(len(examples) / ranks.world) / bs) if ranks.world > 1 else 0
     for i in range(0, max(len(mine), n_batches * bs), bs):
         chunk = [examples[j] for j in mine[i : i + bs]]
         batch = to_device(collate(chunk or examples[:1]), ranks.device)
