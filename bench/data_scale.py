@@ -285,7 +285,8 @@ def report(results: dict) -> str:
         "# dpokit data preparation at scale",
         "",
         f"- command: `{info['command']}`",
-        f"- machine: {info['cpus']} CPUs (shared with other jobs while measured: compare ratios, not seconds); "
+        f"- machine: {info['cpus']} CPUs, 1-minute load average {info.get('load_at_start', '?')} at the start "
+        "(above ~0.5 other jobs shared them: compare ratios and CPU seconds, not wall times); "
         f"python {info['python']}; datasets {info['datasets']}; TRL {info.get('trl', 'not run')}",
         "- rows: synthetic conversational pairs (see the script); tokenizer: the embedded SmolLM2's; "
         "max_length 1024, max_prompt_length 512",
@@ -404,6 +405,7 @@ def main(argv=None):
     results["info"] = {
         "command": "python bench/data_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "cpus": os.cpu_count(),
+        "load_at_start": round(os.getloadavg()[0], 2),  # other jobs on the machine skew the wall times
         "python": sys.version.split()[0],
         "datasets": datasets.__version__,
     }
