@@ -243,3 +243,37 @@ def test_fsdp_options_match_one_process(tiny_model_dir, data, tmp_path, keys, we
     assert_rows_match(losses(sharded), losses(one))
     if weights:
         assert_weights_match(sharded, one)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["rloo", "ppo"])
+def test_rl_runs_under_fsdp_and_exports_a_plain_model(algorithm, tiny_model_dir, tmp_path):
+    """rl reaches fsdp through the same loop: sampling from a sharded policy (every rank generates, a
+    collective forward), the reference sharded alike, PPO's value head sharded with the root; the run
+    finishes and its final directory loads with from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    prompts = tmp_path / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": f"Review number {i}:"} for i in range(8)])
+    out = tmp_path / algorithm
+    r = torchrun(
+        2,
+        "rl",
+        f"model={tiny_model_dir}",
+        f"dataset={prompts}",
+        f"output_dir={out}",
+        "reward=vader",
+        f"algorithm={algorithm}",
+        "parallelism=fsdp",
+        "precision=fp32",
+        "max_steps=2",
+        "logging_steps=1",
+        "per_device_train_batch_size=2",
+        "num_samples_per_prompt=2",
+        "max_new_tokens=4",
+        "progress_bar=false",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = losses(out, "reward")
+    assert len(rows) == 2 and all(abs(row["reward"]) <= 1 for row in rows)
+    AutoModelForCausalLM.from_pretrained(out)
