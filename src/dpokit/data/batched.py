@@ -7,8 +7,8 @@ and the per-row boundary logic of tokenize.py runs on the results:
 
     rows -> pair_texts (template, implicit prompt) -> batch encodes: the prompts; for chats, the prompt's
             tail (from its last added token, e.g. <|im_start|>assistant) + each response (_tail_ids),
-            else prompt + each response -> split_encoded per response (tokenize.py's rule: keep the tail
-            when the prompt's ids are a prefix, else tokenize the response as a continuation)
+            else prompt + each response -> tokenize.response_after_prompt per response (keep the
+            tail when the prompt's ids are a prefix, else tokenize the response as a continuation)
          -> end_with_one_eos, the BOS rule -> drop / truncate (tokenize_dataset's rule, keep_or_drop)
 
 A chat prompt is thus tokenized once per pair, and the tokens encoded per pair fall from 3P + C + R to
@@ -25,9 +25,9 @@ from dpokit.data.tokenize import (
     TokenizedPair,
     _one_bos,
     apply_template,
-    continuation_ids,
     end_with_one_eos,
     explicit_prompt,
+    response_after_prompt,
     truncate,
 )
 from dpokit.errors import UserError, where
@@ -63,23 +63,6 @@ def pair_texts(tok, example: dict, label="", row=0, fields=PAIR_FIELDS) -> tuple
             )
         responses.append(full_text[len(prompt_text) :])
     return prompt_text, responses[0], responses[1], False
-
-
-def split_encoded(tok, prompt_ids: list, full_ids: list, response: str, special: bool, ids=None) -> list:
-    """tokenize.split_at_boundary on ids already encoded (both with _one_bos applied): the response's ids.
-    `ids`: special_ids(tok), when the caller has it."""
-    ids = ids or special_ids(tok)
-    if (
-        special
-        and ids.eos_token_id is not None
-        and full_ids
-        and full_ids[-1] == ids.eos_token_id
-        and not response.endswith(ids.eos_token or "\0")
-    ):
-        full_ids = full_ids[:-1]  # tokenizers that append EOS themselves: we add our own below
-    if full_ids[: len(prompt_ids)] == prompt_ids:
-        return full_ids[len(prompt_ids) :]
-    return continuation_ids(tok, response)  # a merge crossed the boundary
 
 
 def _encode_many(tok, texts: list, special: bool, ids=None) -> list:
@@ -176,8 +159,8 @@ def tokenize_rows(tok, rows, label, completions: bool = False) -> list:
             prompt, c_text, r_text, _ = texts[i]
             prompt_ids = prompts[k]
             full_c, full_r = tails[i] if i in tails else (chosen[i], rejected[i])
-            c = split_encoded(tok, prompt_ids, full_c, c_text, special, ids)
-            r = split_encoded(tok, prompt_ids, full_r, r_text, special, ids)
+            c = response_after_prompt(tok, prompt_ids, full_c, c_text, special, ids)
+            r = response_after_prompt(tok, prompt_ids, full_r, r_text, special, ids)
             if not prompt_ids and ids.bos_token_id is not None:
                 prompt_ids = [ids.bos_token_id]  # the first response token needs something to be predicted from
             out[i] = TokenizedPair(prompt_ids, end_with_one_eos(ids, c), end_with_one_eos(ids, r), rows[i][0])

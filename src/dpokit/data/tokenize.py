@@ -66,18 +66,26 @@ def split_at_boundary(tok, prompt: str, response: str, special: bool) -> tuple[l
     """(prompt_ids, response_ids) with prompt_ids == tokenizer(prompt) and the response as its continuation."""
     prompt_ids = _one_bos(tok, _encode(tok, prompt, special))
     full_ids = _one_bos(tok, _encode(tok, prompt + response, special))
+    return prompt_ids, response_after_prompt(tok, prompt_ids, full_ids, response, special)
+
+
+def response_after_prompt(tok, prompt_ids: list, full_ids: list, response: str, special: bool, ids=None) -> list:
+    """The response's ids, given prompt and prompt + response already encoded (each with _one_bos): the
+    tail of full_ids after prompt_ids, or, where a merge crossed the boundary, the response encoded as a
+    continuation (the model, given prompt_ids, generates it from scratch). `ids`: an object with the
+    tokenizer's eos_token_id and eos_token read once (data/batched.py's special_ids), else the tokenizer."""
+    ids = ids or tok
     if (
         special
-        and tok.eos_token_id is not None
+        and ids.eos_token_id is not None
         and full_ids
-        and full_ids[-1] == tok.eos_token_id
-        and not response.endswith(tok.eos_token or "\0")
+        and full_ids[-1] == ids.eos_token_id
+        and not response.endswith(ids.eos_token or "\0")
     ):
         full_ids = full_ids[:-1]  # tokenizers that append EOS themselves: we add our own below
     if full_ids[: len(prompt_ids)] == prompt_ids:
-        return prompt_ids, full_ids[len(prompt_ids) :]
-    # A merge crossed the boundary: the model, given prompt_ids, generates the response from scratch.
-    return prompt_ids, continuation_ids(tok, response)
+        return full_ids[len(prompt_ids) :]
+    return continuation_ids(tok, response)
 
 
 def continuation_ids(tok, text: str) -> list:
