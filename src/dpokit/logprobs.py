@@ -86,9 +86,7 @@ def response_logps(
     positions, targets, sequences = response_targets(batch)  # each (M,)
     inputs = model_inputs(model, batch)
     wpo_terms = None
-    if chunk_size == 0 and not wpo:  # a config's "automatic", when the caller has not resolved it yet
-        chunk_size = resolve_chunk_size(model, 0)
-    if chunk_size is None or (chunk_size == 0 and wpo):  # (automatic never turns into an error: WPO's full logits)
+    if chunk_size is None:
         logits = kept_logits(model, inputs, positions, fp32_head)  # (M, V)
         token_lp = token_logps(logits, targets)
         if wpo:

@@ -29,6 +29,7 @@ Held-out pairs are cached in the evaluation's own grouping (`per_device_eval_bat
 process), which reproduces what a live reference computes there exactly, in any precision.
 """
 
+import dataclasses
 import hashlib
 
 import torch
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 from dpokit.data.layouts import collate_for, layout_name
 from dpokit.io import atomic_write
-from dpokit.logprobs import sequence_logps
+from dpokit.logprobs import resolve_chunk_size, sequence_logps
 from dpokit.models import cache_dir
 from dpokit.report import log
 from dpokit.train.runtime import autocast, to_device
@@ -119,6 +120,8 @@ def attach_reference_logps(reference, examples, cfg, pad_id, device, use_disk_ca
     dpo.run makes it) and per_device_eval_batch_size for held-out data (the evaluation's grouping)."""
     if not examples:
         return
+    if cfg.logprob_chunk_size == 0:  # "automatic", not yet resolved for this model by the caller (dpo() does)
+        cfg = dataclasses.replace(cfg, logprob_chunk_size=resolve_chunk_size(reference, 0))
     path = None
     layout = layout_name(cfg.padding_free, cfg.prefix_sharing)
     if batch_size is None:
