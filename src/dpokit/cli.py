@@ -72,6 +72,9 @@ def run(argv) -> int:
     try:
         cls, fn = command(name)
         fn(load_config(cls, *parse(rest)))
+        from dpokit.train.runtime import finish_distributed  # (torch is loaded by now; --help stays light)
+
+        finish_distributed()  # the process ends here: every torchrun rank leaves together
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,6 +52,16 @@ def setup_distributed(parallelism: str = "ddp") -> Ranks:
     return Ranks(rank, world, device)
 
 
+def finish_distributed() -> None:
+    """At the end of a successful command under torchrun: wait for every rank (rank 0 may still be writing
+    the final model), then tear the process group down. A rank that leaves with the group alive while
+    another still works can abort at exit ('terminate called without an active exception', seen with
+    gloo), and torchrun then kills the others mid-save."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
