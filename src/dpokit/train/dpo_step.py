@@ -82,6 +82,16 @@ class DPOStep:
                     return self.sequence_logps(response_logps(peft_model, batch, self.chunk_size), B)
             return self.sequence_logps(response_logps(self.reference, batch, self.chunk_size), B)
 
+    def bco_delta(self, policy, logps, ref) -> float:
+        """BCO's reward shift: the running mean of the implicit rewards of every response seen in training
+        (over all ranks), updated with this batch's `logps`, `ref` (N,) when the policy trains."""
+        if policy.training:
+            # implicit rewards beta * log(pi / pi_ref); reference_free: log pi_ref = 0
+            rewards = self.beta * (logps if ref is None else logps - ref).detach()
+            total = all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()))]).cpu())
+            self.bco_mean.update(torch.full((int(total[1]),), (total[0] / total[1]).item()))
+        return self.bco_mean.mean
+
     def __call__(self, policy, batch):
         B = batch["num_examples"]
         if self.chunk_size == 0:
@@ -93,12 +103,7 @@ class DPOStep:
         if self.needs_lengths:
             kwargs.update(chosen_lengths=n_tokens[:B].float(), rejected_lengths=n_tokens[B:].float())
         if self.bco_mean is not None:
-            if policy.training:
-                # implicit rewards beta * log(pi / pi_ref); reference_free: log pi_ref = 0
-                rewards = self.beta * (logps if ref is None else logps - ref).detach()
-                total = all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()))]).cpu())
-                self.bco_mean.update(torch.full((int(total[1]),), (total[0] / total[1]).item()))
-            kwargs["bco_delta"] = self.bco_mean.mean
+            kwargs["bco_delta"] = self.bco_delta(policy, logps, ref)
         losses, chosen_rewards, rejected_rewards = combined_loss(
             self.loss_types,
             self.loss_weights,

@@ -4,12 +4,9 @@ DPO, or a pairwise loss of losses.py on the pairs `pairs_from_ranking` keeps (ra
 
 import copy
 
-import torch
-
 from dpokit.logprobs import response_logps
 from dpokit.ranking_losses import plackett_luce_loss, ranked_pair_losses, ranking_accuracy
 from dpokit.train.dpo_step import DPOStep
-from dpokit.train.runtime import all_reduce_sum
 
 
 class RankingStep(DPOStep):
@@ -44,11 +41,7 @@ class RankingStep(DPOStep):
         else:
             kwargs = dict(self.hyper)
             if self.bco_mean is not None:
-                if policy.training:
-                    rewards = self.beta * (logps if ref is None else logps - ref).detach()
-                    total = all_reduce_sum(torch.stack([rewards.sum(), torch.tensor(float(rewards.numel()))]).cpu())
-                    self.bco_mean.update(torch.full((int(total[1]),), (total[0] / total[1]).item()))
-                kwargs["bco_delta"] = self.bco_mean.mean
+                kwargs["bco_delta"] = self.bco_delta(policy, logps, ref)
             losses, _, _, _ = ranked_pair_losses(
                 self.loss_types,
                 self.loss_weights,
