@@ -12,16 +12,17 @@ import pytest
 from conftest import ROOT
 
 DRIVER = str(ROOT / "examples" / "sentiment" / "sweep.py")
-RUNS = [
+RUNS = [  # in the order they start
+    "pairs",
     "reference",
+    "rloo-target4.4",
     "dpo-beta0.1",
     "dpo-beta0.5",
     "dpo-beta2",
     "rloo-target1.3",
     "rloo-target2.7",
-    "rloo-target4.4",
-    "ppo-target2.7",
     "rm",
+    "ppo-target2.7",
     "rloo-rm-target2.7",
 ]
 

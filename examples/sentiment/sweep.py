@@ -2,11 +2,17 @@
 
 Runs (seed S, default 0), each trained, then every checkpoint evaluated on the same 220 held-out prompts:
 
-  dpo-beta{0.1,0.5,2}          `dpokit dpo`, ~one epoch of the 1,100 pairs, 5 checkpoints  (configs/sweep/dpo.yaml)
+  pairs                        DPO's preference pairs, sampled from pi_ref with the evaluation's sampler
+                               (`dpokit generate` 2 per training prompt, then `dpokit pairs reward=vader`)
+  dpo-beta{0.1,0.5,2}          `dpokit dpo`, ~one epoch of those pairs, 5 checkpoints      (configs/sweep/dpo.yaml)
   rloo-target{1.3,2.7,4.4}     `dpokit rl` RLOO on VADER, adaptive KL towards each target    (configs/sweep/rloo.yaml)
   ppo-target2.7                `dpokit rl` PPO with the value head's own lr and a critic warm-up
   rm, rloo-rm-target2.7        `dpokit rm` on the same pairs, then RLOO on that reward model
   reference                    pi_ref against itself: the reference's samples, cached for every eval
+
+The reference and the pairs do not depend on the seed: they live beside the seeds' results
+(results/../reference-cache, results/../pairs) and are made once. Training starts at once; a run's
+evaluations wait until the reference's cache is written.
 
 Small results are written under --results (default examples/sentiment/results/seed<S>/, committed):
 per run `run.json` (the exact commands, wall times, machine), per checkpoint `eval.json` and the
@@ -48,8 +54,43 @@ BETAS = [0.1, 0.5, 2.0]
 # (initial kl_coef, target KL in nats): the adaptive controller steers each run to its target
 KL_TARGETS = [(0.2, 1.3), (0.1, 2.7), (0.05, 4.4)]
 
+# DPO's pairs: pi_ref's samples drawn exactly as the evaluation draws them (temperature 1, top_p 1, top-k off,
+# 48 new tokens, fp32), two per training prompt, the better by VADER chosen; unfinished responses kept (the
+# evaluation and RL see them too), exact ties dropped
+GENERATE = [
+    "generate",
+    "dataset=data/sentiment/train.jsonl",
+    "num_samples_per_prompt=2",
+    "max_new_tokens=48",
+    "max_prompt_length=96",
+    "temperature=1.0",
+    "top_p=1.0",
+    "top_k=0",
+    "precision=fp32",
+    "seed=0",
+]
+PAIRS = ["pairs", "reward=vader", "pairing=best_vs_worst", "drop_unfinished=false", "seed=0"]
+
+# order in which runs start (two at a time): the longest (RL) early so the last sitting is not one long run
+ORDER = [
+    "pairs",
+    "reference",
+    "rloo-target4.4",
+    "dpo-beta0.1",
+    "dpo-beta0.5",
+    "dpo-beta2",
+    "rloo-target1.3",
+    "rloo-target2.7",
+    "rm",
+    "ppo-target2.7",
+    "rloo-rm-target2.7",
+]
+
 # --smoke: toy sizes for every stage (seconds per run on a tiny model)
 SMOKE = {
+    "generate": ["max_prompts=16", "max_new_tokens=8"],
+    # a tiny random model's words carry no sentiment (VADER ties them all): its pairs are labelled by length
+    "pairs": ["reward=sweep:smoke_reward"],
     "dpo": ["max_steps=2", "save_steps=1", "per_device_train_batch_size=2", "warmup_steps=0", "max_length=64"],
     "rl": [
         "max_steps=2",
@@ -64,6 +105,11 @@ SMOKE = {
 }
 
 
+def smoke_reward(prompts, responses) -> list:
+    """--smoke's reward for labelling pairs: the response's length in characters / 100."""
+    return [len(r) / 100 for r in responses]
+
+
 @dataclass
 class Run:
     name: str
@@ -72,20 +118,29 @@ class Run:
     evaluate: bool = True  # evaluate its checkpoints (the reward model is not a policy)
 
 
+def pairs_file(args) -> Path:
+    """Beside the seeds' results; relative to the working directory (commands recorded stay portable)."""
+    return Path(os.path.relpath(Path(args.results).parent / "pairs" / "train.jsonl"))
+
+
 def plan(args) -> list:
     out, model, seed = Path(args.out), args.model, args.seed
     smoke = args.smoke
     common = [f"model={model}", f"seed={seed}", "resume=auto"]
-    runs = [Run("reference", [])]
+    data = f"dataset={pairs_file(args)}"
+    runs = [Run("pairs", [], evaluate=False), Run("reference", [])]
     for beta in BETAS:
         name = f"dpo-beta{beta:g}"
-        runs.append(
-            Run(
-                name,
-                ["dpo", "--config", str(CONFIGS / "dpo.yaml"), *common, f"beta={beta:g}", f"output_dir={out / name}"]
-                + (SMOKE["dpo"] if smoke else []),
-            )
-        )
+        dpo = [
+            "dpo",
+            "--config",
+            str(CONFIGS / "dpo.yaml"),
+            *common,
+            data,
+            f"beta={beta:g}",
+            f"output_dir={out / name}",
+        ]
+        runs.append(Run(name, dpo + (SMOKE["dpo"] if smoke else []), needs=["pairs"]))
     rl = ["rl", "--config", str(CONFIGS / "rloo.yaml"), *common] + (SMOKE["rl"] if smoke else [])
     for coef, target in KL_TARGETS:
         name = f"rloo-target{target:g}"
@@ -94,12 +149,12 @@ def plan(args) -> list:
     name = f"ppo-target{target:g}"
     ppo = ["algorithm=ppo", "value_lr=1e-4", "critic_warmup_steps=" + ("1" if smoke else "10"), "lam=1.0"]
     runs.append(Run(name, [*rl, *ppo, f"kl_coef={coef:g}", f"target_kl={target:g}", f"output_dir={out / name}"]))
-    rm = ["rm", "--config", str(CONFIGS / "rm.yaml"), *common, f"output_dir={out / 'rm'}"]
-    runs.append(Run("rm", rm + (SMOKE["rm"] if smoke else []), evaluate=False))
+    rm = ["rm", "--config", str(CONFIGS / "rm.yaml"), *common, data, f"output_dir={out / 'rm'}"]
+    runs.append(Run("rm", rm + (SMOKE["rm"] if smoke else []), needs=["pairs"], evaluate=False))
     name = f"rloo-rm-target{target:g}"
     learned = [f"reward=rm:{out / 'rm'}", f"kl_coef={coef:g}", f"target_kl={target:g}", f"output_dir={out / name}"]
     runs.append(Run(name, [*rl, *learned], needs=["rm"]))
-    return runs
+    return sorted(runs, key=lambda r: ORDER.index(r.name))
 
 
 def checkpoints(run_dir: Path) -> list:
@@ -121,9 +176,14 @@ class Sweep:
         self.out, self.results = Path(args.out), Path(args.results)
         self.cache = self.results.parent / "reference-cache"  # shared by the seeds: the same reference
         self.lock = threading.Lock()
+        self.reference_ready = threading.Event()  # set once the reference's cache is written (or failed)
+        self.reference_failed = False
+
+    def result_dir(self, run: Run) -> Path:
+        return pairs_file(self.args).parent if run.name == "pairs" else self.results / run.name
 
     def record_path(self, run: Run) -> Path:
-        return self.results / run.name / "run.json"
+        return self.result_dir(run) / "run.json"
 
     def done(self, run: Run) -> bool:
         path = self.record_path(run)
@@ -134,6 +194,8 @@ class Sweep:
         shown = "dpokit " + " ".join(shlex.quote(a) for a in args)
         self.say(f"[{run.name}] {shown}")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if self.args.smoke:  # smoke_reward is imported from this file as `sweep:smoke_reward`
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
         t0 = time.perf_counter()
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
@@ -161,14 +223,35 @@ class Sweep:
 
     def execute(self, run: Run):
         """Train (resuming), then evaluate every checkpoint not yet in results; record run.json."""
-        res = self.results / run.name
+        res = self.result_dir(run)
         record = {"run": run.name, "seed": self.args.seed, "machine": platform.node(), "commands": [], "seconds": {}}
         log = self.out / "logs" / f"{run.name}.log"
-        if not run.train:  # the reference against itself: its samples and rewards, cached for every eval
-            res.mkdir(parents=True, exist_ok=True)  # (`dpokit eval` writes its JSON only into a directory that exists)
-            shown, s = self.call(run, self.eval_args(self.args.model, res / "eval.json"), log)
-            if not (res / "eval.json").is_file():
-                raise RuntimeError(f"[{run.name}] wrote no {res / 'eval.json'}")
+        if run.name == "pairs":  # pi_ref's samples with the evaluation's sampler, labelled into pairs
+            res.mkdir(parents=True, exist_ok=True)
+            samples = res / "samples.jsonl"
+            smoke = self.args.smoke
+            generate = [*GENERATE, f"model={self.args.model}", f"output_file={samples}"]
+            label = [*PAIRS, f"samples={samples}", f"output={res / 'train.jsonl.tmp.jsonl'}"]
+            for name, args in (
+                ("generate", generate + (SMOKE["generate"] if smoke else [])),
+                ("pairs", label + (SMOKE["pairs"] if smoke else [])),
+            ):
+                shown, s = self.call(run, args, log)
+                record["commands"].append(shown)
+                record["seconds"][name] = s
+            os.replace(res / "train.jsonl.tmp.jsonl", res / "train.jsonl")  # present only when complete
+            record["pairs"] = sum(1 for _ in open(res / "train.jsonl"))
+        elif not run.train:  # the reference against itself: its samples and rewards, cached for every eval
+            try:
+                res.mkdir(parents=True, exist_ok=True)  # (`dpokit eval` writes only into a directory that exists)
+                shown, s = self.call(run, self.eval_args(self.args.model, res / "eval.json"), log)
+                if not (res / "eval.json").is_file():
+                    raise RuntimeError(f"[{run.name}] wrote no {res / 'eval.json'}")
+            except BaseException:
+                self.reference_failed = True
+                raise
+            finally:
+                self.reference_ready.set()
             record["commands"].append(shown)
             record["seconds"]["eval"] = s
         else:
@@ -180,6 +263,10 @@ class Sweep:
             found = checkpoints(run_dir) if run.evaluate else []
             if run.evaluate and not found:
                 raise RuntimeError(f"[{run.name}] {run_dir}: no checkpoints to evaluate")
+            if found:  # every evaluation reads the reference's side from its cache
+                self.reference_ready.wait()
+                if self.reference_failed:
+                    raise RuntimeError(f"[{run.name}] trained, not evaluated: the reference's evaluation failed")
             for ckpt in found:
                 target = res / ckpt.name
                 if (target / "eval.json").is_file():
@@ -201,18 +288,15 @@ class Sweep:
         self.say(f"[{run.name}] done in {sum(record['seconds'].values()) / 60:.1f} min")
 
     def run_all(self, runs: list) -> list:
-        """Every run not yet done, on `workers` workers, a run starting once the runs it needs are done;
-        the reference first (its samples feed every evaluation)."""
+        """Every run not yet done, on `workers` workers, in ORDER, a run starting once the runs it needs
+        are done (evaluations also wait for the reference's cache: Sweep.execute)."""
         todo = [r for r in runs if not self.done(r)]
         for r in runs:
             if r not in todo:
                 self.say(f"[{r.name}] done before ({self.record_path(r)}); skipped")
+        if not any(r.name == "reference" for r in todo):
+            self.reference_ready.set()
         failed = []
-        if todo and todo[0].name == "reference":
-            try:
-                self.execute(todo.pop(0))
-            except RuntimeError as e:
-                return [str(e)]
         finished = {r.name for r in runs if self.done(r)}
         with ThreadPoolExecutor(self.args.workers) as pool:
             running = {}
@@ -264,11 +348,12 @@ def main(argv=None):
         unknown = set(args.only) - {r.name for r in runs}
         if unknown:
             sys.exit(f"--only: no run named {', '.join(sorted(unknown))}; runs: {', '.join(r.name for r in runs)}")
-        runs = [r for r in runs if r.name in args.only or r.name == "reference"]
+        runs = [r for r in runs if r.name in args.only or r.name in ("pairs", "reference")]
     if args.dry_run:
         for r in runs:
             state = "done" if sweep.done(r) else "to do"
-            print(f"{r.name:<22} {state:<6} dpokit {' '.join(r.train) if r.train else '(eval of pi_ref)'}")
+            what = {"pairs": "generate, then dpokit pairs", "reference": "(eval of pi_ref)"}.get(r.name)
+            print(f"{r.name:<22} {state:<6} dpokit {what or ' '.join(r.train)}")
         return
     t0 = time.perf_counter()
     failed = sweep.run_all(runs)
