@@ -63,9 +63,16 @@ def test_sweep_end_to_end_at_smoke_sizes(tiny_model_dir, tmp_path):
     proc = driver(*args, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for run in RUNS:
-        record = json.loads((results / run / "run.json").read_text())
+        where = tmp_path / "pairs" if run == "pairs" else results / run  # the pairs are shared by the seeds
+        record = json.loads((where / "run.json").read_text())
         assert record["done"] and record["commands"] and all(s > 0 for s in record["seconds"].values())
-        if run not in ("reference", "rm"):
+        if run == "pairs":  # 16 prompts x 2 samples, labelled by length: a pair per prompt but for ties
+            rows = [json.loads(line) for line in (where / "train.jsonl").read_text().splitlines()]
+            assert record["pairs"] == len(rows) >= 8 and all(r["score_chosen"] > r["score_rejected"] for r in rows)
+            assert (
+                "dataset=" + os.path.relpath(where / "train.jsonl", ROOT) in (results / "rm" / "run.json").read_text()
+            )
+        elif run not in ("reference", "rm"):
             assert record["checkpoints"] == ["checkpoint-1", "checkpoint-2"]
             for c in record["checkpoints"]:
                 assert (results / run / c / "eval.json").is_file() and (

@@ -173,7 +173,8 @@ def prune(run_dir: Path):
 class Sweep:
     def __init__(self, args):
         self.args = args
-        self.out, self.results = Path(args.out), Path(args.results)
+        # relative to the working directory: the commands recorded in run.json stay valid on another machine
+        self.out, self.results = Path(args.out), Path(os.path.relpath(args.results))
         self.cache = self.results.parent / "reference-cache"  # shared by the seeds: the same reference
         self.lock = threading.Lock()
         self.reference_ready = threading.Event()  # set once the reference's cache is written (or failed)
