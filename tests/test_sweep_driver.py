@@ -52,6 +52,11 @@ def test_sweep_plan_and_done_runs_are_skipped(tmp_path):
     assert [line.split()[1] for line in proc.stdout.splitlines()] == [
         "done" if r == "dpo-beta2" else "to" for r in RUNS
     ]
+    record = {"done": True, "machine": "m", "seconds": {"train": 600.0, "eval checkpoint-26": 120.0, "eval c-52": 180}}
+    (results / "dpo-beta2" / "run.json").write_text(json.dumps(record))
+    times = driver("--times", "--out", str(tmp_path / "out"), "--results", str(results)).stdout
+    assert "| dpo-beta2 | m | 10.0 min | 2 x 2.5 = 5.0 min | 15.0 min |" in times
+    assert "| rm | | not run yet | | |" in times and "**0.25 h**" in times
     bad = driver("--dry-run", "--only", "nope", "--results", str(results))
     assert bad.returncode != 0 and "no run named nope" in bad.stderr
 

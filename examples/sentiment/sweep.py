@@ -26,6 +26,7 @@ verdict from --results.
     OMP_NUM_THREADS=1 .venv/bin/python examples/sentiment/sweep.py                # seed 0, two workers
     .venv/bin/python examples/sentiment/sweep.py --seed 1                          # the second seed
     .venv/bin/python examples/sentiment/sweep.py --dry-run                         # the plan, what is done
+    .venv/bin/python examples/sentiment/sweep.py --times                           # finished runs' wall times
     .venv/bin/python examples/sentiment/sweep.py --smoke --model DIR --out T --results T/results
 
 Two workers run two runs at once, each a single-threaded process (OMP_NUM_THREADS=1): on a small CPU
@@ -157,6 +158,24 @@ def plan(args) -> list:
     return sorted(runs, key=lambda r: ORDER.index(r.name))
 
 
+def machine() -> str:
+    """Host name, CPU model and core count (GPU name if any): what the run's wall times were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = ""
+    try:
+        import torch
+
+        gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    except ImportError:
+        pass
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores{gpu}"
+
+
 def checkpoints(run_dir: Path) -> list:
     found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
@@ -225,7 +244,7 @@ class Sweep:
     def execute(self, run: Run):
         """Train (resuming), then evaluate every checkpoint not yet in results; record run.json."""
         res = self.result_dir(run)
-        record = {"run": run.name, "seed": self.args.seed, "machine": platform.node(), "commands": [], "seconds": {}}
+        record = {"run": run.name, "seed": self.args.seed, "machine": machine(), "commands": [], "seconds": {}}
         log = self.out / "logs" / f"{run.name}.log"
         if run.name == "pairs":  # pi_ref's samples with the evaluation's sampler, labelled into pairs
             res.mkdir(parents=True, exist_ok=True)
@@ -320,6 +339,30 @@ class Sweep:
         return failed
 
 
+def wall_times(sweep: Sweep, runs: list) -> str:
+    """The finished runs' wall times from their run.json: training, evaluations (count, total), all."""
+    lines = [
+        "| run | machine | training | evaluations | total |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    total = 0.0
+    for r in runs:
+        if not sweep.done(r):
+            lines.append(f"| {r.name} | | not run yet | | |")
+            continue
+        rec = json.loads(sweep.record_path(r).read_text())
+        secs = rec["seconds"]
+        evals = [v for k, v in secs.items() if k.startswith("eval")]
+        train = sum(v for k, v in secs.items() if not k.startswith("eval"))
+        run_total = sum(secs.values())
+        total += run_total
+        ev = f"{len(evals)} x {sum(evals) / len(evals) / 60:.1f} = {sum(evals) / 60:.1f} min" if evals else ""
+        tr = f"{train / 60:.1f} min" if train else ""
+        lines.append(f"| {r.name} | {rec.get('machine', '')} | {tr} | {ev} | {run_total / 60:.1f} min |")
+    lines.append(f"| **all finished runs** | | | | **{total / 3600:.2f} h** (one core each) |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0, help="training seed of every run (evaluation keeps seed 0)")
@@ -335,6 +378,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--smoke", action="store_true", help="toy sizes, for testing the driver on a tiny model")
     p.add_argument("--dry-run", action="store_true", help="print the plan and what is done; run nothing")
+    p.add_argument("--times", action="store_true", help="print the finished runs' wall times (markdown); run nothing")
     args = p.parse_args(argv)
     args.out = str(Path(args.out) / f"seed{args.seed}")
     args.results = args.results or str(HERE / "results" / f"seed{args.seed}")
@@ -355,6 +399,9 @@ def main(argv=None):
             state = "done" if sweep.done(r) else "to do"
             what = {"pairs": "generate, then dpokit pairs", "reference": "(eval of pi_ref)"}.get(r.name)
             print(f"{r.name:<22} {state:<6} dpokit {what or ' '.join(r.train)}")
+        return
+    if args.times:
+        print(wall_times(sweep, runs))
         return
     t0 = time.perf_counter()
     failed = sweep.run_all(runs)
