@@ -19,9 +19,9 @@ RUNS = [  # in the order they start
     "dpo-beta0.1",
     "dpo-beta0.5",
     "dpo-beta2",
+    "rm",
     "rloo-target1.3",
     "rloo-target2.7",
-    "rm",
     "ppo-target2.7",
     "rloo-rm-target2.7",
 ]

@@ -72,7 +72,7 @@ GENERATE = [
 ]
 PAIRS = ["pairs", "reward=vader", "pairing=best_vs_worst", "drop_unfinished=false", "seed=0"]
 
-# order in which runs start (two at a time): the longest (RL) early so the last sitting is not one long run
+# order in which runs start (two at a time): one long RL run early, the reward model before the runs that need it
 ORDER = [
     "pairs",
     "reference",
@@ -80,9 +80,9 @@ ORDER = [
     "dpo-beta0.1",
     "dpo-beta0.5",
     "dpo-beta2",
+    "rm",
     "rloo-target1.3",
     "rloo-target2.7",
-    "rm",
     "ppo-target2.7",
     "rloo-rm-target2.7",
 ]
