@@ -26,6 +26,7 @@ keeps the per-prompt rewards and KLs (`per_prompt`), so that `dpokit frontier` c
 
 import hashlib
 import json
+import time
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,15 +241,26 @@ def sampled_metrics(cfg, policy, reference, tokenizer, source, device) -> dict:
     prompt_texts, prompts = held_out_prompts(cfg, tokenizer, source)
     ref = reference_side(cfg, reference, tokenizer, prompts, prompt_texts, reward_fn, device)
     same_samples = cfg.temperature == 1.0 and cfg.top_p == 1.0
+    t0 = time.perf_counter()
     if same_samples:  # the reward's samples are pi's own: the KL from one scoring pass of each model
         with torch.autocast(device.type, enabled=False):
             texts, ids = sample(policy, tokenizer, prompts, cfg.max_new_tokens, 1.0, 1.0, cfg.seed)
+            t1 = time.perf_counter()
             kls = per_sample_kl(policy, reference, prompts, ids, tokenizer.pad_token_id)
     else:
         with autocast(device, cfg.precision):
             texts, ids = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
+        t1 = time.perf_counter()
         kls = kl_samples(policy, reference, tokenizer, prompts, cfg.max_new_tokens, cfg.seed)
+    t2 = time.perf_counter()
     rewards = [float(r) for r in reward_fn(prompt_texts, texts)]
+    log.info(
+        "policy: %d samples in %.1f s, KL in %.1f s, rewards in %.1f s",
+        len(ids),
+        t1 - t0,
+        t2 - t1,
+        time.perf_counter() - t2,
+    )
     finished = [float(bool(r) and r[-1] == tokenizer.eos_token_id) for r in ids]
     policy_side = side_stats(rewards, finished, prompt_texts, texts)
     kl, kl_se = mean_se(kls)
