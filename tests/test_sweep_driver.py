@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -94,3 +95,42 @@ def test_sweep_end_to_end_at_smoke_sizes(tiny_model_dir, tmp_path):
     assert "| 0.5 | dpo |" in (results / "frontier" / "frontier.md").read_text()
     again = driver(*args, timeout=300)
     assert again.returncode == 0 and again.stdout.count("skipped") == len(RUNS), again.stdout
+
+
+def test_an_interrupted_run_keeps_its_times_and_resumes(tmp_path, monkeypatch):
+    """run.json is written as a run goes (done false); a second invocation skips the evaluations already
+    written, sums the training time of both and marks the run done."""
+    sys.path.insert(0, str(ROOT / "examples" / "sentiment"))
+    import sweep
+
+    args = sweep.parse_args(["--out", str(tmp_path / "out"), "--results", str(tmp_path / "results")])
+    driver_ = sweep.Sweep(args)
+    driver_.reference_ready.set()
+    run = next(r for r in sweep.plan(args) if r.name == "dpo-beta2")
+    run_dir = Path(args.out) / run.name
+    calls = []
+
+    def fake_call(self, run, argv, log):
+        calls.append(argv[0])
+        if argv[0] == "dpo":
+            for step in (26, 52):
+                (run_dir / f"checkpoint-{step}").mkdir(parents=True, exist_ok=True)
+                (run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        else:
+            out = next(a.split("=", 1)[1] for a in argv if a.startswith("output_file="))
+            if "checkpoint-52" in out and calls.count("eval") == 2:
+                raise RuntimeError("killed")  # the first invocation dies in its second evaluation
+            Path(out).write_text("{}")
+        return "dpokit " + argv[0], 10.0
+
+    monkeypatch.setattr(sweep.Sweep, "call", fake_call)
+    with pytest.raises(RuntimeError, match="killed"):
+        driver_.execute(run)
+    partial = json.loads(driver_.record_path(run).read_text())
+    assert not partial["done"] and partial["seconds"] == {"train": 10.0, "eval checkpoint-26": 10.0}
+    assert not driver_.done(run)
+    driver_.execute(run)
+    record = json.loads(driver_.record_path(run).read_text())
+    assert record["done"] and record["invocations"] == 2
+    assert record["seconds"] == {"train": 20.0, "eval checkpoint-26": 10.0, "eval checkpoint-52": 10.0}
+    assert calls == ["dpo", "eval", "eval", "dpo", "eval"]  # checkpoint-26 was not evaluated again

@@ -176,6 +176,13 @@ def machine() -> str:
     return f"{platform.node()}: {cpu}, {os.cpu_count()} cores{gpu}"
 
 
+def write_atomic(path: Path, text: str):
+    """A file that is there complete or not at all (a kill mid-write leaves the old one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def checkpoints(run_dir: Path) -> list:
     found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
@@ -242,10 +249,25 @@ class Sweep:
         ] + (SMOKE["eval"] if self.args.smoke else [])
 
     def execute(self, run: Run):
-        """Train (resuming), then evaluate every checkpoint not yet in results; record run.json."""
+        """Train (resuming), then evaluate every checkpoint not yet in results; record run.json (written as
+        the run goes, with done false, so that an interrupted run's times and commands are kept and summed
+        when it resumes)."""
         res = self.result_dir(run)
         record = {"run": run.name, "seed": self.args.seed, "machine": machine(), "commands": [], "seconds": {}}
+        if self.record_path(run).is_file():  # an earlier, interrupted invocation of this run
+            earlier = json.loads(self.record_path(run).read_text())
+            machines = {earlier.get("machine"), record["machine"]}
+            record.update(commands=earlier.get("commands", []), seconds=earlier.get("seconds", {}))
+            record["machine"] = " + ".join(sorted(m for m in machines if m))
+            record["invocations"] = earlier.get("invocations", 1) + 1
         log = self.out / "logs" / f"{run.name}.log"
+
+        def note(shown, key, seconds):  # one more command done: record it (its time summed with earlier ones)
+            record["commands"].append(shown)
+            record["seconds"][key] = round(record["seconds"].get(key, 0.0) + seconds, 1)
+            res.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.record_path(run), json.dumps({**record, "done": False}, indent=1) + "\n")
+
         if run.name == "pairs":  # pi_ref's samples with the evaluation's sampler, labelled into pairs
             res.mkdir(parents=True, exist_ok=True)
             samples = res / "samples.jsonl"
@@ -257,8 +279,7 @@ class Sweep:
                 ("pairs", label + (SMOKE["pairs"] if smoke else [])),
             ):
                 shown, s = self.call(run, args, log)
-                record["commands"].append(shown)
-                record["seconds"][name] = s
+                note(shown, name, s)
             os.replace(res / "train.jsonl.tmp.jsonl", res / "train.jsonl")  # present only when complete
             record["pairs"] = sum(1 for _ in open(res / "train.jsonl"))
         elif not run.train:  # the reference against itself: its samples and rewards, cached for every eval
@@ -272,12 +293,10 @@ class Sweep:
                 raise
             finally:
                 self.reference_ready.set()
-            record["commands"].append(shown)
-            record["seconds"]["eval"] = s
+            note(shown, "eval", s)
         else:
             shown, s = self.call(run, run.train, log)
-            record["commands"].append(shown)
-            record["seconds"]["train"] = s
+            note(shown, "train", s)
             run_dir = self.out / run.name
             prune(run_dir)
             found = checkpoints(run_dir) if run.evaluate else []
@@ -296,15 +315,14 @@ class Sweep:
                 shown, s = self.call(run, self.eval_args(ckpt, target / "eval.json.tmp"), log)
                 os.replace(target / "eval.json.tmp", target / "eval.json")  # present only when complete
                 # (os.replace raises if the eval wrote nothing: the run is then not marked done)
-                record["commands"].append(shown)
-                record["seconds"][f"eval {ckpt.name}"] = s
+                note(shown, f"eval {ckpt.name}", s)
             record["checkpoints"] = [c.name for c in found]
             if not self.args.keep_checkpoints:  # evaluated: the results hold what the frontier needs
                 for ckpt in found[:-1]:  # (the newest stays: the run can still be resumed or extended)
                     shutil.rmtree(ckpt)
         record["done"] = True
         res.mkdir(parents=True, exist_ok=True)
-        self.record_path(run).write_text(json.dumps(record, indent=1) + "\n")
+        write_atomic(self.record_path(run), json.dumps(record, indent=1) + "\n")
         self.say(f"[{run.name}] done in {sum(record['seconds'].values()) / 60:.1f} min")
 
     def run_all(self, runs: list) -> list:
@@ -347,10 +365,14 @@ def wall_times(sweep: Sweep, runs: list) -> str:
     ]
     total = 0.0
     for r in runs:
-        if not sweep.done(r):
+        if not sweep.record_path(r).is_file():
             lines.append(f"| {r.name} | | not run yet | | |")
             continue
         rec = json.loads(sweep.record_path(r).read_text())
+        if not rec.get("done"):
+            so_far = sum(rec["seconds"].values()) / 60
+            lines.append(f"| {r.name} | {rec.get('machine', '')} | interrupted after {so_far:.1f} min | | |")
+            continue
         secs = rec["seconds"]
         evals = [v for k, v in secs.items() if k.startswith("eval")]
         train = sum(v for k, v in secs.items() if not k.startswith("eval"))
