@@ -213,8 +213,12 @@ class Sweep:
         return self.result_dir(run) / "run.json"
 
     def done(self, run: Run) -> bool:
+        """run.json says done; for the reward model also its weights are here (the learned-reward run reads
+        them, and they are not committed: on another machine the reward model is trained again)."""
         path = self.record_path(run)
-        return path.is_file() and json.loads(path.read_text()).get("done", False)
+        if not (path.is_file() and json.loads(path.read_text()).get("done", False)):
+            return False
+        return run.name != "rm" or (self.out / run.name / "config.json").is_file()
 
     def call(self, run: Run, args: list, log: Path) -> tuple:
         """`dpokit ARGS` in a single-threaded process, its output in `log` -> (shown command, seconds)."""
