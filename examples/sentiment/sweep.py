@@ -258,8 +258,9 @@ class Sweep:
         when it resumes)."""
         res = self.result_dir(run)
         record = {"run": run.name, "seed": self.args.seed, "machine": machine(), "commands": [], "seconds": {}}
-        if self.record_path(run).is_file():  # an earlier, interrupted invocation of this run
-            earlier = json.loads(self.record_path(run).read_text())
+        earlier = json.loads(self.record_path(run).read_text()) if self.record_path(run).is_file() else {}
+        if earlier and not earlier.get("done"):  # an earlier, interrupted invocation of this run
+            # (a done run redone, the reward model on a machine without its weights, starts a new record)
             machines = {earlier.get("machine"), record["machine"]}
             record.update(commands=earlier.get("commands", []), seconds=earlier.get("seconds", {}))
             record["machine"] = " + ".join(sorted(m for m in machines if m))
