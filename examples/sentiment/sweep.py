@@ -48,6 +48,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpokit.io import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = Path(os.path.relpath(HERE / "configs" / "sweep"))
 
@@ -176,13 +178,6 @@ def machine() -> str:
     return f"{platform.node()}: {cpu}, {os.cpu_count()} cores{gpu}"
 
 
-def write_atomic(path: Path, text: str):
-    """A file that is there complete or not at all (a kill mid-write leaves the old one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def checkpoints(run_dir: Path) -> list:
     found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
@@ -271,21 +266,20 @@ class Sweep:
             record["commands"].append(shown)
             record["seconds"][key] = round(record["seconds"].get(key, 0.0) + seconds, 1)
             res.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.record_path(run), json.dumps({**record, "done": False}, indent=1) + "\n")
+            atomic_write_text(self.record_path(run), json.dumps({**record, "done": False}, indent=1) + "\n")
 
         if run.name == "pairs":  # pi_ref's samples with the evaluation's sampler, labelled into pairs
             res.mkdir(parents=True, exist_ok=True)
             samples = res / "samples.jsonl"
             smoke = self.args.smoke
             generate = [*GENERATE, f"model={self.args.model}", f"output_file={samples}"]
-            label = [*PAIRS, f"samples={samples}", f"output={res / 'train.jsonl.tmp.jsonl'}"]
+            label = [*PAIRS, f"samples={samples}", f"output={res / 'train.jsonl'}"]  # (written atomically)
             for name, args in (
                 ("generate", generate + (SMOKE["generate"] if smoke else [])),
                 ("pairs", label + (SMOKE["pairs"] if smoke else [])),
             ):
                 shown, s = self.call(run, args, log)
                 note(shown, name, s)
-            os.replace(res / "train.jsonl.tmp.jsonl", res / "train.jsonl")  # present only when complete
             record["pairs"] = sum(1 for _ in open(res / "train.jsonl"))
         elif not run.train:  # the reference against itself: its samples and rewards, cached for every eval
             try:
@@ -327,7 +321,7 @@ class Sweep:
                     shutil.rmtree(ckpt)
         record["done"] = True
         res.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.record_path(run), json.dumps(record, indent=1) + "\n")
+        atomic_write_text(self.record_path(run), json.dumps(record, indent=1) + "\n")
         self.say(f"[{run.name}] done in {sum(record['seconds'].values()) / 60:.1f} min")
 
     def run_all(self, runs: list) -> list:
