@@ -102,6 +102,55 @@ def test_eval_kl_estimator_is_unbiased_on_an_enumerable_problem():
     assert old - exact > 5 * old_se, (old, exact, old_se)
 
 
+def test_sampling_logps_equal_a_scoring_forward():
+    """sample_responses' return_logps (the policy's side of eval's KL, from the logits that sampled each
+    response: left-padded prompts of different lengths, a KV cache, rows ending at EOS or cut at the
+    limit) equals log pi(y|x) from a forward over the finished sequences, to fp32 rounding; and asking
+    for them does not change the samples (the same RNG draws), so evaluations before and after this
+    change see the same responses."""
+    torch.manual_seed(7)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        bos_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)
+        model.lm_head.weight[EOS] += 0.15  # some responses end early, others run to the limit
+    tok = SimpleNamespace(pad_token_id=EOS, eos_token_id=EOS)
+    g = torch.Generator().manual_seed(0)
+    prompts = [[0] + torch.randint(3, 40, (n,), generator=g).tolist() for n in [1, 6, 3, 9, 2, 5, 7, 4] * 3]
+    torch.manual_seed(1)
+    plain = sample_responses(model, tok, prompts, max_new_tokens=10, batch_size=8)
+    torch.manual_seed(1)
+    ids, logps = sample_responses(model, tok, prompts, max_new_tokens=10, batch_size=8, return_logps=True)
+    assert ids == plain
+    lengths = [len(r) for r in ids]
+    assert min(lengths) < 10 and max(lengths) == 10 and sum(r[-1] == EOS for r in ids) >= 3, lengths
+    scored = evaluate.response_logps(model, prompts, ids, EOS, batch_size=5)
+    assert logps == pytest.approx(scored, abs=1e-4)
+    assert min(logps) < -5  # real sequence log-probs, not zeros
+    # the eval's KL: the policy's side from the sampling equals the one from a policy forward
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.lm_head.weight.add_(0.3 * torch.randn_like(reference.lm_head.weight))
+    fast = evaluate.per_sample_kl(model, reference, prompts, ids, EOS, policy_logps=logps)
+    slow = evaluate.per_sample_kl(model, reference, prompts, ids, EOS)
+    assert fast == pytest.approx(slow, abs=1e-4) and max(abs(x) for x in slow) > 0.1
+    # and response_logps agrees with the pair path's sequence_logps
+    pairs = [TokenizedPair(p, r, r) for p, r in zip(prompts, ids)]
+    with torch.no_grad():
+        pair_path = sequence_logps(model, collate_for("padded", EOS)(pairs))[0]
+    assert scored == pytest.approx(pair_path[: len(ids)].tolist(), abs=1e-4)
+
+
 def test_eval_reports_the_untempered_kl(smol_tokenizer, tmp_path, monkeypatch):
     """`dpokit eval` end to end, the reward sampled at temperature 0.7, max_new_tokens=1: its KL is
     kl_samples' (temperature 1), and within 3 standard errors of the exact KL of the next-token

@@ -10,8 +10,9 @@
   win rate, and the fraction of responses that ended with EOS (`finished`);
 - KL(pi || pi_ref) of the untempered models, over responses of at most max_new_tokens tokens: the mean
   of the sequence log-ratio log pi(y|x) - log pi_ref(y|x) over samples y ~ pi at temperature 1 (top_p 1,
-  top-k off), with its standard error. At temperature 1 (and top_p 1) these are the reward's own
-  samples, so the KL costs one scoring forward of each model; otherwise a separate sample per prompt is
+  top-k off), with its standard error. The policy's log-probs come from the logits that sampled the
+  responses, so the KL costs one forward of the reference only. At temperature 1 (and top_p 1) these are
+  the reward's own samples; otherwise a separate sample per prompt is
   drawn at temperature 1, since the untempered log-ratio's mean under the tempered pi_T is the KL of
   nothing (at T = 0.7: +41-49% on a tiny model in a review, +42% and +21% on the two problems of
   tests/test_numerics.py). Samples scored for the KL are drawn and scored in fp32 whatever `precision`
@@ -35,20 +36,19 @@ import torch
 
 from dpokit import models
 from dpokit.config import PRECISIONS, in_memory_name, opt, resolve_config
-from dpokit.data.batch import collate_padded
 from dpokit.data.load import load_pairs, named
 from dpokit.data.prompts import load_prompts, tokenize_prompt, truncate_prompt
-from dpokit.data.tokenize import TokenizedPair, tokenize_dataset
+from dpokit.data.tokenize import tokenize_dataset
 from dpokit.errors import UserError
 from dpokit.estimators import mean_se, paired_difference
 from dpokit.io import atomic_write_text
-from dpokit.logprobs import sequence_logps
 from dpokit.losses import preference_accuracy
 from dpokit.report import log
 from dpokit.rewards import get_reward_fn
 from dpokit.sampling import device_of, sample_responses
 from dpokit.train.refcache import pair_logps
-from dpokit.train.runtime import autocast, set_seed, to_device
+from dpokit.train.rl_step import response_batch, token_stats
+from dpokit.train.runtime import autocast, set_seed
 
 
 @dataclass
@@ -118,11 +118,16 @@ def implicit_reward_metrics(beta, policy_logps, reference_logps) -> dict:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list, max_new_tokens, temperature, top_p, seed, batch_size=32):
-    """One response per prompt (token-id lists), seeded -> (texts, ids)."""
+def sample(model, tokenizer, prompts: list, max_new_tokens, temperature, top_p, seed, batch_size=32, logps=False):
+    """One response per prompt (token-id lists), seeded -> (texts, ids), or with logps (texts, ids, each
+    response's log pi(y|x) from the logits that sampled it)."""
     set_seed(seed)
-    ids = sample_responses(model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size=batch_size)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids], ids
+    ids = sample_responses(
+        model, tokenizer, prompts, max_new_tokens, temperature, top_p, batch_size=batch_size, return_logps=logps
+    )
+    ids, lps = ids if logps else (ids, None)
+    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+    return (texts, ids, lps) if logps else (texts, ids)
 
 
 KL_ESTIMATOR = (
@@ -143,10 +148,18 @@ def kl_samples(
     for the sampling and the scoring alike: both see the same fp32 distribution."""
     with torch.autocast(device_of(policy).type, enabled=False):
         set_seed(seed)
-        ids = sample_responses(
-            policy, tokenizer, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, batch_size=batch_size
+        ids, logps = sample_responses(
+            policy,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            batch_size=batch_size,
+            return_logps=True,
         )
-        return sampled_kl(policy, reference, prompts, ids, tokenizer.pad_token_id)
+        return sampled_kl(policy, reference, prompts, ids, tokenizer.pad_token_id, policy_logps=logps)
 
 
 KL_SAME_SAMPLES = (
@@ -157,24 +170,33 @@ KL_SAME_SAMPLES = (
 
 
 @torch.no_grad()
-def per_sample_kl(policy, reference, prompts, responses, pad_id, batch_size=16) -> list:
+def per_sample_kl(policy, reference, prompts, responses, pad_id, batch_size=16, policy_logps=None) -> list:
     """log pi(y|x) - log pi_ref(y|x) per response, 0.0 for an empty one (no tokens: both log-probs are 0)."""
-    kls = iter(sampled_kl(policy, reference, prompts, responses, pad_id, batch_size))
+    kls = iter(sampled_kl(policy, reference, prompts, responses, pad_id, batch_size, policy_logps))
     return [next(kls) if r else 0.0 for r in responses]
 
 
 @torch.no_grad()
-def sampled_kl(policy, reference, prompts, responses, pad_id, batch_size=16):
-    """Per-sample log pi(y|x) - log pi_ref(y|x) for given responses: for y ~ pi (untempered: see
-    kl_samples) its mean estimates KL(pi || pi_ref)."""
-    pairs = [TokenizedPair(p, r, r) for p, r in zip(prompts, responses) if r]
+def sampled_kl(policy, reference, prompts, responses, pad_id, batch_size=16, policy_logps=None) -> list:
+    """Per non-empty response, log pi(y|x) - log pi_ref(y|x): for y ~ pi (untempered: see kl_samples) its
+    mean estimates KL(pi || pi_ref). policy_logps: the policy's log-probs of all the responses, already
+    known (from the sampling: sample_responses' return_logps), so only the reference runs a forward."""
+    keep = [i for i, r in enumerate(responses) if r]
+    prompts, responses = [prompts[i] for i in keep], [responses[i] for i in keep]
+    ref = response_logps(reference, prompts, responses, pad_id, batch_size)
+    pol = [policy_logps[i] for i in keep] if policy_logps is not None else None
+    pol = pol if pol is not None else response_logps(policy, prompts, responses, pad_id, batch_size)
+    return [a - b for a, b in zip(pol, ref)]
+
+
+@torch.no_grad()
+def response_logps(model, prompts, responses, pad_id, batch_size=16) -> list:
+    """log pi(y|x) of each (non-empty) response, one forward row per response. (Not sequence_logps: its
+    batches are pairs, and a response given as both sides of a pair is computed twice.)"""
     out = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        batch = to_device(collate_padded(chunk, pad_id), policy.device)
-        lp = sequence_logps(policy, batch)[0][: len(chunk)]
-        lr = sequence_logps(reference, batch)[0][: len(chunk)]
-        out += (lp - lr).tolist()
+    for i in range(0, len(responses), batch_size):
+        batch = response_batch(prompts[i : i + batch_size], responses[i : i + batch_size], pad_id, device_of(model))
+        out += (token_stats(model, batch)["logps"] * batch["mask"]).sum(-1).tolist()
     return out
 
 
@@ -242,11 +264,11 @@ def sampled_metrics(cfg, policy, reference, tokenizer, source, device) -> dict:
     ref = reference_side(cfg, reference, tokenizer, prompts, prompt_texts, reward_fn, device)
     same_samples = cfg.temperature == 1.0 and cfg.top_p == 1.0
     t0 = time.perf_counter()
-    if same_samples:  # the reward's samples are pi's own: the KL from one scoring pass of each model
+    if same_samples:  # the reward's samples are pi's own: the KL from their logits and one reference forward
         with torch.autocast(device.type, enabled=False):
-            texts, ids = sample(policy, tokenizer, prompts, cfg.max_new_tokens, 1.0, 1.0, cfg.seed)
+            texts, ids, logps = sample(policy, tokenizer, prompts, cfg.max_new_tokens, 1.0, 1.0, cfg.seed, logps=True)
             t1 = time.perf_counter()
-            kls = per_sample_kl(policy, reference, prompts, ids, tokenizer.pad_token_id)
+            kls = per_sample_kl(policy, reference, prompts, ids, tokenizer.pad_token_id, policy_logps=logps)
     else:
         with autocast(device, cfg.precision):
             texts, ids = sample(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
