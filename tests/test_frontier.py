@@ -107,16 +107,16 @@ def test_frontier_points_methods_table_and_png(runs, tmp_path, capsys):
     table = (out / "frontier.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| method", "| ---"))]
     assert len(rows) == 1 + 7
-    assert "| dpo | beta=0.1 | 16 | 2.00 ± 0.100 | +0.500 ± 0.050 | 0.600 ± 0.050 | 0.700 | * |" in table
-    assert "| ppo | kl_coef=0.05 | 6 | 4.00 ± 0.100 | +0.300 ± 0.050 | 0.600 ± 0.050 | 0.700 | * |" in table
-    assert "| dpo | beta=0.1 | 24 | 3.00 ± 0.100 | +0.400 ± 0.050 | 0.600 ± 0.050 | 0.700 |  |" in table
+    assert "| dpo | beta=0.1 | 16 | 2.00 ± 0.100 | +0.500 ± 0.050 |  | 0.600 ± 0.050 |  | 0.700 | * |" in table
+    assert "| ppo | kl_coef=0.05 | 6 | 4.00 ± 0.100 | +0.300 ± 0.050 |  | 0.600 ± 0.050 |  | 0.700 | * |" in table
+    assert "| dpo | beta=0.1 | 24 | 3.00 ± 0.100 | +0.400 ± 0.050 |  | 0.600 ± 0.050 |  | 0.700 |  |" in table
     assert "| reference | default | 0 | 0.00 ± 0.000 | +0.100 ± 0.040 |" in table
     assert "7 points from 8 eval results" in capsys.readouterr().out
 
 
 def test_frontier_accepts_files_and_globs_and_rloo(runs, tmp_path):
     d = runs / "rloo-kl0.1"
-    checkpoint(d, 5, {**PPO_CFG, "algorithm": "rloo", "kl_coef": 0.1, "adaptive_kl": True}, 0.6, 2.5)
+    checkpoint(d, 5, {**PPO_CFG, "algorithm": "rloo", "kl_coef": 0.1, "adaptive_kl": True, "target_kl": 2.7}, 0.6, 2.5)
     out = tmp_path / "f"
     # a glob (what a shell would expand, quoted) plus one explicit file; the policy found by `policy.model`
     # when the eval JSON lies elsewhere
@@ -125,7 +125,24 @@ def test_frontier_accepts_files_and_globs_and_rloo(runs, tmp_path):
     elsewhere.write_text((runs / "ppo-kl0.05" / "checkpoint-6" / "eval.json").read_text())
     assert main(["frontier", f"inputs={runs}/rloo*/checkpoint-*/eval.json,{elsewhere}", f"output_dir={out}"]) == 0
     got = [(p["method"], p["setting"], p["step"]) for p in json.loads((out / "frontier.json").read_text())["points"]]
-    assert got == [("ppo", "kl_coef=0.05", 6), ("rloo", "kl_coef=0.1 (adaptive)", 5)]
+    assert got == [("ppo", "kl_coef=0.05", 6), ("rloo", "target_kl=2.7 (adaptive, kl_coef=0.1 at start)", 5)]
+
+
+def test_frontier_table_shows_the_paired_difference_and_finished(tmp_path):
+    """The table carries what an eval for sweeps adds: the paired reward difference against pi_ref with its
+    standard error, and the fraction of responses finished, for the policy and the reference."""
+    f = checkpoint(tmp_path / "runs" / "rloo", 27, {**PPO_CFG, "algorithm": "rloo"}, 0.568, 2.2)
+    data = json.loads(f.read_text())
+    data["policy"].update(reward_diff=0.3124, reward_diff_se=0.0371, finished=0.7591)
+    data["reference"]["finished"] = 0.8
+    f.write_text(json.dumps(data))
+    out = tmp_path / "f"
+    assert main(["frontier", f"inputs={tmp_path / 'runs'}", f"output_dir={out}"]) == 0
+    table = (out / "frontier.md").read_text()
+    assert (
+        "| rloo | kl_coef=0.05 | 27 | 2.20 ± 0.100 | +0.568 ± 0.050 | +0.312 ± 0.037 | 0.600 ± 0.050 | 0.76 |" in table
+    )
+    assert "| reference | default | 0 | 0.00 ± 0.000 | +0.100 ± 0.040 | | | 0.80 | | |" in table
 
 
 def test_frontier_skips_the_reference_evaluated_against_itself(runs, tmp_path):

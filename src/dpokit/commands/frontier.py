@@ -13,12 +13,14 @@ policy is read from the run itself, never from file names:
       -> the reference point, KL 0.
 
 From the config: `algorithm` (ppo / rloo; rloo-rm / ppo-rm on a learned `rm:` reward) with its
-`kl_coef`, or a DPO-family `loss_type` (`dpo` for the
+`kl_coef` (with adaptive_kl, its `target_kl`), or a DPO-family `loss_type` (`dpo` for the
 sigmoid loss, otherwise the loss names) with its `beta`. Points of one run (one output directory) are
 joined in step order and labelled with the setting; every method gets one colour. The reference's own
 samples, which every eval JSON also carries, give the reference point (KL 0) once per reference model.
 
-Writes `frontier.png`, `frontier.md` (the table) and `frontier.json` (the points) into output_dir.
+Writes `frontier.png`, `frontier.md` (the table: per point KL, reward, the paired reward difference
+against pi_ref, win rate, fraction finished; then the verdict) and `frontier.json` (the points) into
+output_dir.
 """
 
 import glob
@@ -83,6 +85,9 @@ class Point:
     on_front: bool = False  # on its method's Pareto front: no point of the method has lower KL and more reward
     per_prompt: typing.Optional[dict] = None  # {"reward": [...], "kl": [...]}: the eval's per-prompt numbers
     prompts: typing.Optional[str] = None  # the eval's prompts_fingerprint: points are paired only on the same prompts
+    reward_diff: typing.Optional[float] = None  # the paired reward difference against pi_ref on the same prompts
+    reward_diff_se: typing.Optional[float] = None
+    finished: typing.Optional[float] = None  # the fraction of sampled responses that ended with EOS
 
 
 # --- finding and reading the eval results ---------------------------------------------------------------------
@@ -195,7 +200,9 @@ def final_step(run_dir: Path) -> int:
 def method_of(cfg: dict, where) -> tuple[str, str]:
     """(method, setting) from a run's resolved config."""
     if "algorithm" in cfg and "kl_coef" in cfg:  # dpokit rl
-        setting = f"kl_coef={_num(cfg['kl_coef'])}" + (" (adaptive)" if cfg.get("adaptive_kl") else "")
+        setting = f"kl_coef={_num(cfg['kl_coef'])}"
+        if cfg.get("adaptive_kl"):  # the coefficient moves: the run is known by the KL it steers towards
+            setting = f"target_kl={_num(cfg.get('target_kl'))} (adaptive, {setting} at start)"
         # on a learned reward model (`rm:PATH`) it is another method than on the true reward
         learned = str(cfg.get("reward", "")).startswith("rm:")
         return str(cfg["algorithm"]) + ("-rm" if learned else ""), setting
@@ -252,6 +259,9 @@ def collect(files) -> tuple[list, list, dict]:
                 str(path),
                 per_prompt=per_prompt_of(pol, path, ("reward", "kl"), data.get("prompts_fingerprint")),
                 prompts=data.get("prompts_fingerprint"),
+                reward_diff=_opt(pol.get("reward_diff")),
+                reward_diff_se=_opt(pol.get("reward_diff_se")),
+                finished=_opt(pol.get("finished")),
             )
         )
     return dedupe(points), list(references.values()), rewards
@@ -289,6 +299,7 @@ def reference_point(ref: dict, path) -> Point:
         None,
         _opt(ref.get("implicit_reward_accuracy")),
         str(path),
+        finished=_opt(ref.get("finished")),
     )
 
 
@@ -547,22 +558,29 @@ def _pm(v, se, f="{:+.3f}") -> str:
 
 def table(points, references) -> str:
     lines = [
-        "| method | setting | step | KL(pi‖pi_ref) | reward | win rate vs pi_ref | implicit-reward acc | front |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | :---: |",
+        "| method | setting | step | KL(pi‖pi_ref) | reward | paired diff vs pi_ref | win rate vs pi_ref "
+        "| finished | implicit-reward acc | front |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
     ]
     for r in references:
         lines.append(
-            f"| reference | {r.setting} | 0 | {_pm(r.kl, r.kl_se, '{:.2f}')} | {_pm(r.reward, r.reward_se)} | | | |"
+            f"| reference | {r.setting} | 0 | {_pm(r.kl, r.kl_se, '{:.2f}')} | {_pm(r.reward, r.reward_se)} | | "
+            f"| {_fraction(r.finished)} | | |"
         )
     for pts in by_run(points).values():
         for p in pts:
             acc = "" if p.implicit_reward_accuracy is None else f"{p.implicit_reward_accuracy:.3f}"
             lines.append(
                 f"| {p.method} | {p.setting} | {p.step} | {_pm(p.kl, p.kl_se, '{:.2f}')} "
-                f"| {_pm(p.reward, p.reward_se)} | {_pm(p.win_rate, p.win_rate_se, '{:.3f}')} | {acc} "
+                f"| {_pm(p.reward, p.reward_se)} | {_pm(p.reward_diff, p.reward_diff_se)} "
+                f"| {_pm(p.win_rate, p.win_rate_se, '{:.3f}')} | {_fraction(p.finished)} | {acc} "
                 f"| {'*' if p.on_front else ''} |"
             )
     return "\n".join(lines)
+
+
+def _fraction(v) -> str:
+    return "" if v is None else f"{v:.2f}"
 
 
 def frontier(config=None) -> dict:
