@@ -20,7 +20,7 @@ from dpokit.config import load_config
 from dpokit.rl_losses import explained_variance, per_response, ppo_policy_loss
 from dpokit.sampling import sample_responses
 from dpokit.train.optim import build_optimizer
-from dpokit.train.rl_step import response_batch, token_stats
+from dpokit.train.rl_step import PromptExample, RLStep, collate_prompts, response_batch, token_stats
 
 TARGET_STRINGS: list = []  # set by the `toy` fixture; read by first_token_reward
 
@@ -161,6 +161,53 @@ def test_prefix_shared_rollout_matches_padded(smol_tokenizer):
     assert torch.equal(padded["mask"], shared["mask"])
     for key in ("logps", "entropy", "values"):
         assert torch.allclose(a[key][mask], b[key][mask], atol=1e-4), key
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "ppo"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fresh_rollout_reuses_the_training_forward_bit_for_bit(algorithm, precision, smol_tokenizer):
+    """With ppo_epochs 1 a step scores its rollout with the training forward itself (grad on) instead of a
+    separate no-grad forward: the rollout (old log-probs, values, KL-penalised advantages) is identical bit
+    for bit to the separate forward's, in fp32 and under bf16 autocast, and the ratio is exactly 1."""
+    import copy
+
+    model = peaked_llama(len(smol_tokenizer), seed=4)
+    model.value_head = torch.nn.Linear(model.config.hidden_size, 1)
+    with torch.no_grad():
+        model.value_head.weight.normal_(0, 0.1)
+    reference = copy.deepcopy(model).eval()
+    del reference.value_head
+    model.train()
+    cfg = load_config(
+        RLConfig,
+        None,
+        values={
+            "model": "x",
+            "dataset": "x",
+            "reward": "vader",
+            "algorithm": algorithm,
+            "ppo_epochs": 1,
+            "max_new_tokens": 6,
+        },
+        source="test",
+    )
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in (4, 7)]
+    batch = collate_prompts([PromptExample(f"p{i}", p, i) for i, p in enumerate(prompts)])
+    reward = lambda prompts, responses: [float(len(r) % 3) for r in responses]  # noqa: E731
+    on = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    fused, separate = RLStep(cfg, reference, reward, smol_tokenizer), RLStep(cfg, reference, reward, smol_tokenizer)
+    with on:
+        torch.manual_seed(0)
+        loss, metrics = fused(model, batch)
+        torch.manual_seed(0)
+        r = separate.rollout(model, batch)
+    got = fused.rollouts[0]
+    assert set(got) == set(r)
+    for key in r:
+        assert torch.equal(got[key], r[key]), key
+    assert loss.requires_grad and float(metrics["approx_kl"].abs().max()) == 0.0
+    assert float(r["advantages"].abs().sum()) > 0  # a real rollout, not all ties
 
 
 def test_value_head_has_its_own_learning_rate_and_adam_keys(tiny_model_dir):

@@ -24,7 +24,9 @@ A rollout is reused for `ppo_epochs` consecutive optimizer steps (PPO's epochs o
 experience, one minibatch each): at the first, pi = pi_old and the ratio is 1; at the later ones the
 ratio moves and clipping acts. The prompts the loop hands in on those later steps are not used, so
 with ppo_epochs = E an epoch of the loop rolls out 1/E of the prompts: count training in max_steps.
-The rollouts in use are checkpointed with the run, so resuming stays exact.
+The rollouts in use are checkpointed with the run, so resuming stays exact. With ppo_epochs = 1 the
+rollout's policy log-probs (and values) are taken from the training forward itself, run once with grad:
+the same numbers a separate no-grad forward gives, bit for bit (tests/test_rl.py), for one forward less.
 
 Value head (PPO): one linear layer on the policy's last hidden state (the input of its lm_head),
 zero-initialised, trained with the policy (shared trunk) at its own learning rate `value_lr` (its own

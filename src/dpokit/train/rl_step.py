@@ -165,6 +165,15 @@ class RLStep:
 
     @torch.no_grad()
     def rollout(self, model, batch) -> dict:
+        """Sample k responses per prompt, score them, and their advantages from the policy's and the
+        reference's log-probs (no grad: for a rollout reused over ppo_epochs, or held-out prompts)."""
+        drawn = self.draw(model, batch)
+        own = token_stats(unwrap(model), drawn["seqs"], self.cfg.temperature, value_head=self.ppo)
+        return self.advantages(drawn, own)
+
+    @torch.no_grad()
+    def draw(self, model, batch) -> dict:
+        """The rollout's samples, their scores, and the reference's token log-probs."""
         cfg, tok, k = self.cfg, self.tokenizer, self.k
         policy = unwrap(model)
         prompt_ids = [p for p in batch["prompt_ids"] for _ in range(k)]  # N = B k
@@ -179,10 +188,18 @@ class RLStep:
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~finished).float()
         seqs = response_batch(batch["prompt_ids"], responses, tok.pad_token_id, device, k, cfg.prefix_sharing)
-        mask = seqs["mask"]
-        own = token_stats(policy, seqs, cfg.temperature, value_head=self.ppo)
         ref = token_stats(self.reference, seqs, cfg.temperature)
-        rewards, kl = kl_penalised_rewards(scores, own["logps"], ref["logps"], mask, self.kl.value)
+        return {"seqs": seqs, "scores": scores, "finished": finished, "ref_logps": ref["logps"]}
+
+    @torch.no_grad()
+    def advantages(self, drawn: dict, own: dict) -> dict:
+        """A drawn rollout and the policy's token stats on it (own: logps, and values for PPO) -> the
+        rollout the loss uses: KL-penalised rewards, advantages (and returns), diagnostics."""
+        cfg, k = self.cfg, self.k
+        seqs, scores, finished = drawn["seqs"], drawn["scores"], drawn["finished"]
+        mask = seqs["mask"]
+        own = {key: v.detach() for key, v in own.items()}
+        rewards, kl = kl_penalised_rewards(scores, own["logps"], drawn["ref_logps"], mask, self.kl.value)
         N = len(scores)
         diagnostics = {
             "finished": finished.float(),
@@ -235,15 +252,26 @@ class RLStep:
         self.calls += 1
         if micro == 0:
             self.kl_sums = [0.0, 0]
-        if optimizer_step % cfg.ppo_epochs == 0 or micro not in self.rollouts:
-            self.rollouts[micro] = self.rollout(model, batch)
-            self.kl_sums[0] += float(self.rollouts[micro]["kl"].sum())
-            self.kl_sums[1] += len(self.rollouts[micro]["kl"])
-        r = self.rollouts[micro]
-        mask = r["mask"]
         # critic warm-up (PPO): the value head alone learns, on the trunk's detached features; the policy stays pi_ref
         warming = self.ppo and optimizer_step < cfg.critic_warmup_steps
-        now = token_stats(model, r, cfg.temperature, value_head=self.ppo, detach_values=warming)
+        now, fresh = None, True
+        if cfg.ppo_epochs == 1:  # a fresh rollout used once: its "old" log-probs are this very forward's
+            # (the no-grad pass would repeat the same forward bit for bit: tests/test_rl.py), so the
+            # policy's forward runs once, with grad, instead of twice
+            drawn = self.draw(model, batch)
+            now = token_stats(model, drawn["seqs"], cfg.temperature, value_head=self.ppo, detach_values=warming)
+            self.rollouts[micro] = self.advantages(drawn, now)
+        elif optimizer_step % cfg.ppo_epochs == 0 or micro not in self.rollouts:
+            self.rollouts[micro] = self.rollout(model, batch)
+        else:
+            fresh = False
+        r = self.rollouts[micro]
+        if fresh:
+            self.kl_sums[0] += float(r["kl"].sum())
+            self.kl_sums[1] += len(r["kl"])
+        mask = r["mask"]
+        if now is None:
+            now = token_stats(model, r, cfg.temperature, value_head=self.ppo, detach_values=warming)
         policy_loss, clipfrac, approx_kl = ppo_policy_loss(
             now["logps"], r["old_logps"], r["advantages"], mask, cfg.cliprange, cfg.loss_aggregation
         )
