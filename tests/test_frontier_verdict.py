@@ -75,6 +75,23 @@ def test_verdict_with_equal_frontiers_bounds_the_difference(tmp_path):
         assert max(abs(v["low"]), abs(v["high"])) < 0.08
 
 
+def test_verdict_flags_a_frontier_interpolated_across_a_gap(tmp_path):
+    """Where a method has no checkpoint within a factor 2 of the KL, its frontier there is a straight line
+    from its neighbours (pi_ref at 0, a checkpoint far above): the verdict says so, with the neighbours."""
+    sweep(tmp_path / "runs", {"dpo": 0.1, "rloo": 0.1}, {"dpo": (0.3, 4.5), "rloo": (2.2, 4.5)})
+    result = frontier({"inputs": [str(tmp_path / "runs")], "output_dir": str(tmp_path / "f"), "bootstrap_samples": 50})
+    low = verdict_at(result, 0.5)
+    assert low["support"]["rloo"]["near"] is False and low["support"]["rloo"]["below"] == 0.0
+    assert low["support"]["rloo"]["above"] == pytest.approx(2.2, abs=0.15)  # the first checkpoint's mean KL
+    assert low["support"]["dpo"]["near"] is True
+    assert "; interpolated: rloo has no checkpoint within a factor 2 of it (nearest at 0.00 and 2." in low["text"]
+    assert "interpolated: rloo" in verdict_at(result, 1.0)["text"]  # 2.2 nats is more than twice 1
+    for kl in (2.0, 3.0, 4.0):
+        v = verdict_at(result, kl)
+        assert v["support"]["rloo"]["near"] and v["support"]["dpo"]["near"] and "interpolated" not in v["text"], v
+    assert "interpolated: rloo" in (tmp_path / "f" / "frontier.md").read_text()
+
+
 def test_oracle_and_best_of_n_curves_come_from_the_reference_samples(tmp_path):
     _, many = sweep(tmp_path / "runs", {"dpo": 0.2, "rloo": 0.1}, {"dpo": (0.3, 4.5), "rloo": (0.3, 4.5)})
     result = frontier({"inputs": [str(tmp_path / "runs")], "output_dir": str(tmp_path / "f"), "bootstrap_samples": 20})

@@ -51,7 +51,9 @@ class FrontierConfig:
     output_dir: str = opt("runs/frontier", "where frontier.png, frontier.md and frontier.json are written")
     title: str = opt("reward vs KL frontier", "title of the plot")
     verdict_kls: typing.List[float] = opt(
-        [0.5, 1.0, 2.0, 3.0, 4.0], "KLs (nats) at which the methods' frontiers are compared"
+        [0.5, 1.0, 2.0, 3.0, 4.0],
+        "KLs (nats) at which the methods' frontiers are compared (flagged 'interpolated' where a method has no "
+        "checkpoint within a factor 2)",
     )
     bootstrap_samples: int = opt(
         1000, "bootstrap replicates (prompts resampled jointly across every checkpoint, run and method)"
@@ -391,7 +393,9 @@ def analyse(points, references, cfg) -> typing.Optional[dict]:
                 c = compare_at(
                     boots[a][:, j], boots[b][:, j], nan if pa is None else pa, nan if pb is None else pb, cfg.confidence
                 )
-                verdict.append({"kl": x, "a": a, "b": b, **c, "text": verdict_text(a, b, pa, pb, c)})
+                support = {m: bracket([p.kl for p in usable if p.method == m], x) for m in (a, b)}
+                text = verdict_text(a, b, pa, pb, c) + support_text(support, pa, pb)
+                verdict.append({"kl": x, "a": a, "b": b, **c, "support": support, "text": text})
     out = {"frontiers": curves, "verdict": verdict, "prompts": P, "bootstrap_samples": cfg.bootstrap_samples}
     many = getattr(ref, "rewards_per_prompt", None)
     if many:
@@ -407,6 +411,27 @@ def analyse(points, references, cfg) -> typing.Optional[dict]:
         bon = [best_of_n(many, n) for n in ns]
         out["best_of_n"] = {"n": ns, "reward": [b[0] for b in bon], "kl": [b[1] for b in bon]}
     return out
+
+
+def bracket(kls: list, x: float) -> dict:
+    """A method's checkpoints around KL x: the nearest at or below (pi_ref's 0 if none) and at or above
+    (None if none), and whether one lies within a factor 2 of x. Without one, the frontier there is a
+    straight line across a gap: a reading of the fit, not of a measured policy."""
+    below = max([k for k in kls if k <= x], default=0.0)
+    above = min([k for k in kls if k >= x], default=None)
+    return {"below": below, "above": above, "near": any(x / 2 <= k <= 2 * x for k in kls)}
+
+
+def support_text(support: dict, pa, pb) -> str:
+    """The verdict's caveat where a method has no checkpoint near the KL (within a factor 2)."""
+    if pa is None or pb is None:
+        return ""
+    gaps = [
+        f"{m} has no checkpoint within a factor 2 of it (nearest at {s['below']:.2f} and {s['above']:.2f} nats)"
+        for m, s in support.items()
+        if not s["near"] and s["above"] is not None
+    ]
+    return f"; interpolated: {'; '.join(gaps)}" if gaps else ""
 
 
 def verdict_text(a, b, pa, pb, c) -> str:
