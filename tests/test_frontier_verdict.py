@@ -61,8 +61,13 @@ def test_verdict_names_the_higher_method_and_says_not_reached(tmp_path):
         assert v["low"] < 0.1 * kl < v["high"] and v["low"] > 0  # the true difference (0.2 - 0.1) KL, inside
     for kl in (3.0, 4.0):
         assert verdict_at(result, kl)["text"] == "not reached by rloo"
+    for kl in (0.5, 2.0):  # two seeds per method (run_no): each seed's own fit finds the same difference
+        by_seed = verdict_at(result, kl)["by_seed"]
+        assert set(by_seed) == {"0", "1"} and all(d == pytest.approx(0.1 * kl, abs=0.03) for d in by_seed.values())
+    assert verdict_at(result, 4.0)["by_seed"] == {"0": None, "1": None}
     md = (tmp_path / "f" / "frontier.md").read_text()
     assert "| 2 | dpo | rloo |" in md and "not reached by rloo" in md
+    assert "A - B by seed" in md and "seed 1: +0.2" in md and "seed 0: not reached" in md
     assert result["frontiers"]["dpo"]["points"] == 10 and result["frontiers"]["dpo"]["points_between_0.5_and_4"] >= 5
 
 

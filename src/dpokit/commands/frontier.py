@@ -90,6 +90,7 @@ class Point:
     reward_diff: typing.Optional[float] = None  # the paired reward difference against pi_ref on the same prompts
     reward_diff_se: typing.Optional[float] = None
     finished: typing.Optional[float] = None  # the fraction of sampled responses that ended with EOS
+    seed: typing.Optional[int] = None  # the training run's seed (runs of several seeds: the verdict by seed)
 
 
 # --- finding and reading the eval results ---------------------------------------------------------------------
@@ -264,6 +265,7 @@ def collect(files) -> tuple[list, list, dict]:
                 reward_diff=_opt(pol.get("reward_diff")),
                 reward_diff_se=_opt(pol.get("reward_diff_se")),
                 finished=_opt(pol.get("finished")),
+                seed=cfg.get("seed") if isinstance(cfg.get("seed"), int) else None,
             )
         )
     return dedupe(points), list(references.values()), rewards
@@ -395,7 +397,8 @@ def analyse(points, references, cfg) -> typing.Optional[dict]:
                 )
                 support = {m: bracket([p.kl for p in usable if p.method == m], x) for m in (a, b)}
                 text = verdict_text(a, b, pa, pb, c) + support_text(support, pa, pb)
-                verdict.append({"kl": x, "a": a, "b": b, **c, "support": support, "text": text})
+                by_seed = seed_differences(usable, a, b, x, ref_rewards, frontier_curves)
+                verdict.append({"kl": x, "a": a, "b": b, **c, "support": support, "by_seed": by_seed, "text": text})
     out = {"frontiers": curves, "verdict": verdict, "prompts": P, "bootstrap_samples": cfg.bootstrap_samples}
     many = getattr(ref, "rewards_per_prompt", None)
     if many:
@@ -410,6 +413,25 @@ def analyse(points, references, cfg) -> typing.Optional[dict]:
         ns = sorted({n for n in (2**i for i in range(20)) if n <= k} | {k})
         bon = [best_of_n(many, n) for n in ns]
         out["best_of_n"] = {"n": ns, "reward": [b[0] for b in bon], "kl": [b[1] for b in bon]}
+    return out
+
+
+def seed_differences(points, a, b, x, ref_rewards, frontier_curves) -> dict:
+    """Where both methods have runs of several seeds: each shared seed's own frontier difference a - b at
+    KL x (None where one of them does not reach x), keyed by seed. The bootstrap intervals cover the
+    prompts only; these show how much the training runs themselves move the answer."""
+    seeds = {m: {p.seed for p in points if p.method == m and p.seed is not None} for m in (a, b)}
+    shared = sorted(seeds[a] & seeds[b])
+    if len(shared) < 2:
+        return {}
+    out = {}
+    for seed in shared:
+        values = []
+        for m in (a, b):
+            pts = [p for p in points if p.method == m and p.seed == seed]
+            R, K = [p.per_prompt["reward"] for p in pts], [p.per_prompt["kl"] for p in pts]
+            values.append(float(frontier_curves(R, K, ref_rewards, [x])[0]))
+        out[str(seed)] = None if any(math.isnan(v) for v in values) else values[0] - values[1]
     return out
 
 
@@ -446,13 +468,19 @@ def verdict_text(a, b, pa, pb, c) -> str:
 
 
 def verdict_table(analysis, confidence) -> str:
+    seeds = any(v.get("by_seed") for v in analysis["verdict"])
     lines = [
-        f"| KL (nats) | {'A'} | {'B'} | frontier A - B [{confidence:.0%} interval] | verdict |",
-        "| ---: | --- | --- | ---: | --- |",
+        f"| KL (nats) | A | B | frontier A - B [{confidence:.0%} interval] |"
+        + (" A - B by seed |" if seeds else "")
+        + " verdict |",
+        "| ---: | --- | --- | ---: |" + (" ---: |" if seeds else "") + " --- |",
     ]
     for v in analysis["verdict"]:
         d = "" if math.isnan(v["difference"]) else f"{v['difference']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
-        lines.append(f"| {v['kl']:g} | {v['a']} | {v['b']} | {d} | {v['text']} |")
+        by = "; ".join(
+            f"seed {k}: " + ("not reached" if x is None else f"{x:+.3f}") for k, x in v.get("by_seed", {}).items()
+        )
+        lines.append(f"| {v['kl']:g} | {v['a']} | {v['b']} | {d} |" + (f" {by} |" if seeds else "") + f" {v['text']} |")
     return "\n".join(lines)
 
 
@@ -646,7 +674,15 @@ def frontier(config=None) -> dict:
             f"\n\nEach method's frontier: the isotonic (non-decreasing) fit of reward on KL through pi_ref and "
             f"its checkpoints, read at each KL; intervals: {cfg.confidence:.0%} bootstrap percentiles over "
             f"{analysis['bootstrap_samples']} resamples of the {analysis['prompts']} prompts, the same "
-            "resample for every checkpoint, run and method.\n\n" + verdict_table(analysis, cfg.confidence)
+            "resample for every checkpoint, run and method"
+            + (
+                " (they cover the prompts, not the training runs: `by seed` is each seed's own difference, the "
+                "fit redone on that seed's runs alone)"
+                if any(v.get("by_seed") for v in analysis["verdict"])
+                else ""
+            )
+            + ".\n\n"
+            + verdict_table(analysis, cfg.confidence)
         )
     atomic_write_text(out / "frontier.md", f"{md}\n\n{notes}")
     result = {
