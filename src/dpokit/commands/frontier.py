@@ -522,6 +522,7 @@ def plot(points, references, out_png, title, reward_name, analysis=None):
     methods = list(dict.fromkeys(p.method for p in sorted(points, key=lambda p: p.method)))
     colour = colours_for(["reference"] + methods)
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    several_seeds = len({p.seed for p in points}) > 1
     marker_of = {}
     for run, pts in by_run(points).items():
         method = pts[0].method
@@ -541,8 +542,8 @@ def plot(points, references, out_png, title, reward_name, analysis=None):
             alpha=0.9,
         )
         last = pts[-1]
-        ax.annotate(
-            last.setting,
+        ax.annotate(  # the setting's short form ("target_kl=2.7"; the table has the rest), and the seed if several
+            last.setting.split(" (")[0] + (f", seed {last.seed}" if several_seeds else ""),
             (last.kl, last.reward),
             textcoords="offset points",
             xytext=(5, 4),
