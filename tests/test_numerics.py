@@ -108,21 +108,8 @@ def test_sampling_logps_equal_a_scoring_forward():
     limit) equals log pi(y|x) from a forward over the finished sequences, to fp32 rounding; and asking
     for them does not change the samples (the same RNG draws), so evaluations before and after this
     change see the same responses."""
-    torch.manual_seed(7)
-    cfg = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        eos_token_id=EOS,
-        pad_token_id=EOS,
-        bos_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = peaked_llama(40, head_std=0.5, seed=7, eos_token_id=EOS, pad_token_id=EOS, bos_token_id=0)
     with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.5)
         model.lm_head.weight[EOS] += 0.15  # some responses end early, others run to the limit
     tok = SimpleNamespace(pad_token_id=EOS, eos_token_id=EOS)
     g = torch.Generator().manual_seed(0)
