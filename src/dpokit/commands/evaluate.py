@@ -184,8 +184,10 @@ def sampled_kl(policy, reference, prompts, responses, pad_id, batch_size=16, pol
     keep = [i for i, r in enumerate(responses) if r]
     prompts, responses = [prompts[i] for i in keep], [responses[i] for i in keep]
     ref = response_logps(reference, prompts, responses, pad_id, batch_size)
-    pol = [policy_logps[i] for i in keep] if policy_logps is not None else None
-    pol = pol if pol is not None else response_logps(policy, prompts, responses, pad_id, batch_size)
+    if policy_logps is None:
+        pol = response_logps(policy, prompts, responses, pad_id, batch_size)
+    else:
+        pol = [policy_logps[i] for i in keep]
     return [a - b for a, b in zip(pol, ref)]
 
 
