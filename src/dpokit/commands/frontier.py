@@ -385,6 +385,7 @@ def analyse(points, references, cfg) -> typing.Optional[dict]:
             "points": len(pts),
             "points_between_0.5_and_4": sum(1 for p in pts if 0.5 <= p.kl <= 4),
         }
+    per_seed = seed_frontiers(usable, methods, ref_rewards, cfg.verdict_kls, frontier_curves)
     verdict = []
     for x in cfg.verdict_kls:
         j = grid.index(x)
@@ -397,7 +398,7 @@ def analyse(points, references, cfg) -> typing.Optional[dict]:
                 )
                 support = {m: bracket([p.kl for p in usable if p.method == m], x) for m in (a, b)}
                 text = verdict_text(a, b, pa, pb, c) + support_text(support, pa, pb)
-                by_seed = seed_differences(usable, a, b, x, ref_rewards, frontier_curves)
+                by_seed = seed_differences(per_seed, a, b, cfg.verdict_kls.index(x))
                 verdict.append({"kl": x, "a": a, "b": b, **c, "support": support, "by_seed": by_seed, "text": text})
     out = {"frontiers": curves, "verdict": verdict, "prompts": P, "bootstrap_samples": cfg.bootstrap_samples}
     many = getattr(ref, "rewards_per_prompt", None)
@@ -416,22 +417,33 @@ def analyse(points, references, cfg) -> typing.Optional[dict]:
     return out
 
 
-def seed_differences(points, a, b, x, ref_rewards, frontier_curves) -> dict:
-    """Where both methods have runs of several seeds: each shared seed's own frontier difference a - b at
-    KL x (None where one of them does not reach x), keyed by seed. The bootstrap intervals cover the
-    prompts only; these show how much the training runs themselves move the answer."""
-    seeds = {m: {p.seed for p in points if p.method == m and p.seed is not None} for m in (a, b)}
-    shared = sorted(seeds[a] & seeds[b])
+def seed_frontiers(points, methods, ref_rewards, kls, frontier_curves) -> dict:
+    """method -> seed -> its frontier read at kls, fitted on that seed's runs alone (methods with runs of
+    one seed, or none recorded, are left out). The bootstrap intervals cover the prompts only; these show
+    how much the training runs themselves move the answer."""
+    out = {}
+    for m in methods:
+        seeds = sorted({p.seed for p in points if p.method == m and p.seed is not None})
+        if len(seeds) < 2:
+            continue
+        out[m] = {}
+        for seed in seeds:
+            pts = [p for p in points if p.method == m and p.seed == seed]
+            R, K = [p.per_prompt["reward"] for p in pts], [p.per_prompt["kl"] for p in pts]
+            out[m][seed] = frontier_curves(R, K, ref_rewards, kls)
+    return out
+
+
+def seed_differences(per_seed: dict, a, b, j: int) -> dict:
+    """Each seed both methods ran with (when there are two or more): its own frontier difference a - b at
+    the j-th verdict KL, keyed by seed (None where one of them does not reach it)."""
+    shared = sorted(set(per_seed.get(a, {})) & set(per_seed.get(b, {})))
     if len(shared) < 2:
         return {}
     out = {}
     for seed in shared:
-        values = []
-        for m in (a, b):
-            pts = [p for p in points if p.method == m and p.seed == seed]
-            R, K = [p.per_prompt["reward"] for p in pts], [p.per_prompt["kl"] for p in pts]
-            values.append(float(frontier_curves(R, K, ref_rewards, [x])[0]))
-        out[str(seed)] = None if any(math.isnan(v) for v in values) else values[0] - values[1]
+        va, vb = float(per_seed[a][seed][j]), float(per_seed[b][seed][j])
+        out[str(seed)] = None if math.isnan(va) or math.isnan(vb) else va - vb
     return out
 
 
